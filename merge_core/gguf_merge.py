@@ -1,0 +1,163 @@
+"""Self-merge a GGUF: write the base's blocks in plan order, tensor bytes copied as they are.
+
+Every metadata entry is copied byte for byte except ``<arch>.block_count`` and per-layer arrays
+(numeric arrays of length block_count, which llama.cpp reads per layer), which follow the plan.
+Tensor data is copied file-to-file by the kernel (``copy_file_range``), so memory stays flat
+whatever the model size and quantized blocks are never dequantized.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from merge_core.errors import SelfMergeError
+from merge_core.gguf_file import (
+    ARRAY,
+    GGUF_MAGIC,
+    SCALAR_FORMATS,
+    GGUFHeader,
+    MetadataEntry,
+    TensorInfo,
+    align_up,
+    read_gguf_header,
+)
+from merge_core.layer_plan import LayerPlan
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_COPY_CHUNK = 64 << 20
+
+
+def _gguf_string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+def _entry_with_value(entry: MetadataEntry, value) -> bytes:
+    """Re-encode ``entry`` with a new value of the same GGUF type."""
+    head = _gguf_string(entry.key) + struct.pack("<I", entry.value_type)
+    if entry.value_type == ARRAY:
+        array = np.asarray(value, dtype=entry.value.dtype)
+        return head + struct.pack("<IQ", entry.item_type, len(array)) + array.tobytes()
+    return head + struct.pack(SCALAR_FORMATS[entry.value_type], value)
+
+
+def merged_metadata(header: GGUFHeader, plan: LayerPlan) -> list[bytes]:
+    block_count_key = f"{header.architecture}.block_count"
+    n_base, indices = header.block_count, list(plan.layer_indices)
+    entries = []
+    for key, entry in header.metadata.items():
+        if key == block_count_key:
+            entries.append(_entry_with_value(entry, plan.n_layers))
+        elif (
+            entry.value_type == ARRAY
+            and isinstance(entry.value, np.ndarray)
+            and key.startswith(header.architecture + ".")
+            and len(entry.value) == n_base
+        ):
+            entries.append(_entry_with_value(entry, entry.value[indices]))
+        else:
+            entries.append(entry.raw)
+    return entries
+
+
+def merged_tensor_order(header: GGUFHeader, plan: LayerPlan) -> list[tuple[str, TensorInfo]]:
+    """(output name, source tensor) pairs: non-block tensors in place, the plan's blocks where blk.* began."""
+    blocks: dict[int, list[TensorInfo]] = {}
+    for tensor in header.tensors:
+        match = _BLOCK_RE.match(tensor.name)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(tensor)
+    order: list[tuple[str, TensorInfo]] = []
+    blocks_written = False
+    for tensor in header.tensors:
+        if not _BLOCK_RE.match(tensor.name):
+            order.append((tensor.name, tensor))
+        elif not blocks_written:
+            blocks_written = True
+            for out_index, base_index in enumerate(plan.layer_indices):
+                for source in blocks[base_index]:
+                    suffix = _BLOCK_RE.match(source.name).group(2)
+                    order.append((f"blk.{out_index}.{suffix}", source))
+    return order
+
+
+def merge_gguf(base_path: str | Path, plan: LayerPlan, out_path: str | Path) -> Path:
+    """Write the self-merge of ``base_path`` following ``plan`` to ``out_path``; return the path.
+
+    The file is written next to its destination under a temporary name and renamed at the end,
+    so a crash never leaves a half-written model under the final name.
+    """
+    header = read_gguf_header(base_path)
+    plan.validate(header.block_count)
+    out_path = Path(out_path)
+    if out_path.resolve() == Path(base_path).resolve():
+        raise SelfMergeError(f"output {out_path} would overwrite the base model")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    order = merged_tensor_order(header, plan)
+    metadata = merged_metadata(header, plan)
+    alignment = header.alignment
+
+    out = bytearray(GGUF_MAGIC + struct.pack("<IQQ", 3, len(order), len(metadata)))
+    for raw in metadata:
+        out += raw
+    offset = 0
+    for name, source in order:
+        out += _gguf_string(name) + struct.pack("<I", len(source.dims)) + struct.pack(f"<{len(source.dims)}Q", *source.dims)
+        out += struct.pack("<IQ", source.ggml_type, offset)
+        offset = align_up(offset + source.n_bytes, alignment)
+    out += b"\0" * (align_up(len(out), alignment) - len(out))
+
+    tmp_path = out_path.with_name(out_path.name + ".partial")
+    with open(header.path, "rb") as src, open(tmp_path, "wb") as dst:
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        _write_all(dst_fd, out)
+        for src_offset, n_bytes, padding in _copy_runs(order, alignment):
+            _copy_range(src_fd, dst_fd, header.data_start + src_offset, n_bytes)
+            _write_all(dst_fd, b"\0" * padding)
+    os.replace(tmp_path, out_path)
+    return out_path
+
+
+def _copy_runs(order: list[tuple[str, TensorInfo]], alignment: int) -> list[tuple[int, int, int]]:
+    """(source offset, bytes, zero padding after) per run of tensors that lie back to back in the
+    source as in the output: a block's tensors, consecutive blocks of a slice. One kernel copy per
+    run instead of one per tensor; the source's own alignment padding is copied inside a run."""
+    runs: list[list[int]] = []
+    for _, source in order:
+        if runs and runs[-1][0] + runs[-1][1] + runs[-1][2] == source.offset:
+            run = runs[-1]
+            run[1] += run[2] + source.n_bytes
+        else:
+            run = [source.offset, source.n_bytes, 0]
+            runs.append(run)
+        run[2] = align_up(source.n_bytes, alignment) - source.n_bytes
+    return [tuple(run) for run in runs]
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_offset: int, n_bytes: int) -> None:
+    """Copy bytes in the kernel where it can (no user-space buffer); fall back to pread/write."""
+    while n_bytes > 0:
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, min(n_bytes, _COPY_CHUNK), src_offset)
+        except (OSError, AttributeError):
+            copied = 0
+        if copied <= 0:
+            chunk = os.pread(src_fd, min(n_bytes, _COPY_CHUNK), src_offset)
+            if not chunk:
+                raise SelfMergeError("base model ended before its last tensor: the file is truncated")
+            _write_all(dst_fd, chunk)
+            copied = len(chunk)
+        src_offset += copied
+        n_bytes -= copied

