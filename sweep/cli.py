@@ -71,7 +71,7 @@ def print_leaderboard(frame, top: int = 10) -> None:
 
     columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eval_seconds", "state"]
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
-        print(frame[columns].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
+        print(frame[columns + ["pareto"]].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
 
 
 def _open_results(directory: str, storage: str | None):
@@ -102,17 +102,18 @@ def cmd_reproduce(args) -> None:
 def cmd_plans(args, overrides: list[str]) -> None:
     from merge_core.gguf_file import read_gguf_header
     from merge_core.model_files import resolve_model_path
+    from merge_core.model_shape import ModelShape
     from sweep.config import compose, load_config
-    from sweep.space import build_space, sample_plans
+    from sweep.spaces import build_space, sample_plans
 
     _quiet_optuna()
     config = load_config(compose(overrides))
-    n_base = read_gguf_header(resolve_model_path(config.model.path)).block_count
-    space = build_space(config.space_kind, n_base, config.space)
+    shape = ModelShape.from_gguf_header(read_gguf_header(resolve_model_path(config.model.path)))
+    space = build_space(config.space_kind, shape, config.space)
     if args.count:
-        plans, complete = space.enumerate_plans(limit=args.limit)
-        qualifier = "exactly" if complete else "more than"
-        print(f"{qualifier} {len(plans)} valid plans in space '{config.space_kind}' for a {n_base}-layer model")
+        count, exact = space.count_plans(limit=args.limit)
+        qualifier = "exactly" if exact else "at most (estimate: parameter sets, some giving the same plan)"
+        print(f"{qualifier} {count} valid plans in space '{config.space_kind}' for a {shape.n_layers}-layer model")
     for plan in sample_plans(space, args.sample, seed=args.seed) if args.sample else []:
         print(f"{plan}  ({plan.n_layers} layers)")
 

@@ -13,9 +13,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from merge_core.errors import SelfMergeError
 from sweep.constraints import PlanConstraints
-from sweep.space import SPACES
+from sweep.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+OBJECTIVES = {"ppl": "minimize", "n_layers": "minimize"}  # name -> default direction
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,13 @@ class EvalConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     kind: str = "tpe"
-    n_startup_trials: int = 5  # random trials before TPE models the landscape
+    n_startup_trials: int = 5  # random trials before TPE / CMA-ES model the landscape
 
     def __post_init__(self) -> None:
-        if self.kind not in ("tpe", "random"):
-            raise SelfMergeError(f"unknown sampler {self.kind!r}; choose one of ['random', 'tpe']")
+        from sweep.samplers import SAMPLERS
+
+        if self.kind not in SAMPLERS:
+            raise SelfMergeError(f"unknown sampler {self.kind!r}; choose one of {list(SAMPLERS)}")
         if self.n_startup_trials < 0:
             raise SelfMergeError(f"sampler.n_startup_trials={self.n_startup_trials} is out of range: must be >= 0")
 
@@ -78,6 +81,8 @@ class RunConfig:
     seed: int = 0
     results_dir: str = "results"
     progress: bool = True
+    objectives: tuple[str, ...] = ("ppl",)  # e.g. [ppl, n_layers] or [ppl, "n_layers:maximize"]
+    enqueue: tuple[str, ...] = ()  # plans to score first: "0-16,8-30" or a mergekit YAML file
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -87,6 +92,27 @@ class RunConfig:
         if self.keep_top_k < 0:
             raise SelfMergeError(f"sweep.keep_top_k={self.keep_top_k} is out of range: must be >= 0")
         parse_duration(self.timeout)
+        self.directions  # validates the objectives
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction for each objective."""
+        directions = []
+        for objective in self.objectives:
+            name, _, direction = objective.partition(":")
+            if name not in OBJECTIVES:
+                raise SelfMergeError(f"sweep.objectives: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+            direction = direction or OBJECTIVES[name]
+            if direction not in ("minimize", "maximize"):
+                raise SelfMergeError(f"sweep.objectives: {objective!r} has direction {direction!r}; use minimize or maximize")
+            directions.append(direction)
+        if not directions:
+            raise SelfMergeError("sweep.objectives is empty: name at least one, e.g. [ppl]")
+        return directions
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [objective.partition(":")[0] for objective in self.objectives]
 
     @property
     def timeout_seconds(self) -> Optional[float]:

@@ -11,6 +11,7 @@ from typing import Optional
 
 from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
+from merge_core.model_shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class PlanConstraints:
     keep_last: int = 0  # the last K base layers appear unbroken at the end
     min_layers: Optional[int] = None
     max_layers: Optional[int] = None
+    max_params_ratio: Optional[float] = None  # parameter budget: e.g. 1.5 = at most 1.5x the base
 
     def __post_init__(self) -> None:
         for name in ("last_min", "max_repeats", "min_layers", "max_layers"):
@@ -35,10 +37,13 @@ class PlanConstraints:
                 raise SelfMergeError(f"space.constraints.{name}={value} is out of range: must be >= 0")
         if self.jump_max_fraction is not None and not 0 < self.jump_max_fraction <= 1:
             raise SelfMergeError(f"space.constraints.jump_max_fraction={self.jump_max_fraction} is out of range: must be in (0, 1]")
+        if self.max_params_ratio is not None and self.max_params_ratio <= 0:
+            raise SelfMergeError(f"space.constraints.max_params_ratio={self.max_params_ratio} is out of range: must be > 0")
         if self.min_layers and self.max_layers and self.min_layers > self.max_layers:
             raise SelfMergeError(f"space.constraints.min_layers={self.min_layers} exceeds max_layers={self.max_layers}")
 
-    def violations(self, plan: LayerPlan, n_base_layers: int) -> list[str]:
+    def violations(self, plan: LayerPlan, shape: ModelShape) -> list[str]:
+        n_base_layers = shape.n_layers
         problems = []
         (first_start, _), (last_start, last_end) = plan.slices[0], plan.slices[-1]
         if first_start != 0 or last_end != n_base_layers:
@@ -64,4 +69,6 @@ class PlanConstraints:
             problems.append(f"{plan.n_layers} output layers < min_layers {self.min_layers}")
         if self.max_layers is not None and plan.n_layers > self.max_layers:
             problems.append(f"{plan.n_layers} output layers > max_layers {self.max_layers}")
+        if self.max_params_ratio is not None and shape.params_of(plan) > self.max_params_ratio * shape.n_params:
+            problems.append(f"{shape.params_of(plan) / shape.n_params:.2f}x the base's parameters > {self.max_params_ratio}x")
         return problems

@@ -7,7 +7,6 @@ written to a temporary file and renamed, so a killed sweep never leaves half a f
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -53,40 +52,64 @@ def write_trial_record(directory: Path, trial: FrozenTrial) -> None:
     atomic_write_text(directory / "trials" / f"{trial.number}.json", json.dumps(trial_record(trial), indent=2, default=str))
 
 
+def merged_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials, each a scored self-merge (cache hits included)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def pareto_flags(points: list[tuple[float, ...]], directions: list[str]) -> list[bool]:
+    """True for each point no other point dominates (as good in every objective, better in one)."""
+    signs = [1 if d == "minimize" else -1 for d in directions]
+    keyed = [tuple(s * v for s, v in zip(signs, p)) for p in points]
+    return [
+        not any(all(o <= m for o, m in zip(other, mine)) and other != mine for other in keyed)
+        for mine in keyed
+    ]
+
+
+def _row(trial: FrozenTrial | None, attrs: dict, state: str, directory: Path | None) -> dict:
+    path = model_file(directory, trial.number) if trial is not None and directory is not None else None
+    return {
+        "trial": trial.number if trial is not None else "base",
+        "plan": attrs.get("plan"),
+        "n_layers": attrs.get("n_layers"),
+        "ppl": attrs.get("ppl"),
+        "ppl_vs_base": attrs.get("ppl_vs_base"),
+        "eval_seconds": attrs.get("eval_seconds"),
+        "merge_seconds": attrs.get("merge_seconds"),
+        "state": state,
+        "tokens_per_second": attrs.get("tokens_per_second"),
+        "file_mb": attrs.get("file_mb"),
+        "model_file": str(path) if path is not None and path.exists() else None,
+        "cache_hit_of": attrs.get("cache_hit_of"),
+        "error": attrs.get("error") or (trial.system_attrs.get("fail_reason") if trial is not None else None),
+    }
+
+
 def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.DataFrame:
-    """One row per finished trial: completed ones best first (ranked), then pruned and failed."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    rows = []
-    for trial in finished:
-        attrs = trial.user_attrs
-        path = model_file(directory, trial.number) if directory is not None else None
-        rows.append(
-            {
-                "trial": trial.number,
-                "plan": attrs.get("plan"),
-                "n_layers": attrs.get("n_layers"),
-                "ppl": trial.value if trial.state == TrialState.COMPLETE else attrs.get("ppl"),
-                "ppl_vs_base": attrs.get("ppl_vs_base"),
-                "eval_seconds": attrs.get("eval_seconds"),
-                "merge_seconds": attrs.get("merge_seconds"),
-                "state": "BASE" if attrs.get("is_base") and trial.state == TrialState.COMPLETE else trial.state.name,
-                "tokens_per_second": attrs.get("tokens_per_second"),
-                "file_mb": attrs.get("file_mb"),
-                "model_file": str(path) if path is not None and path.exists() else None,
-                "cache_hit_of": attrs.get("cache_hit_of"),
-                "error": attrs.get("error") or trial.system_attrs.get("fail_reason"),
-            }
-        )
-    frame = pd.DataFrame(rows, columns=[c for c in LEADERBOARD_COLUMNS if c != "rank"])
-    if frame.empty:
-        frame.insert(0, "rank", pd.Series(dtype="Int64"))
-        return frame
-    done = frame["state"].isin(["COMPLETE", "BASE"])
-    frame["_order"] = (~done).astype(int)
-    frame = frame.sort_values(["_order", "ppl", "trial"], na_position="last").drop(columns="_order").reset_index(drop=True)
-    ranks = pd.Series(range(1, int(done.sum()) + 1), dtype="Int64")
-    frame.insert(0, "rank", pd.concat([ranks, pd.Series([pd.NA] * (len(frame) - len(ranks)), dtype="Int64")], ignore_index=True))
-    return frame
+    """The base model, then one row per finished trial: completed ones best first (ranked by
+    ppl), then pruned and failed. ``pareto`` marks the merges no other merge dominates in the
+    study's objectives (for a ppl-only study: in ppl and depth, deeper counting as better)."""
+    completed = [t for t in merged_trials(study)]
+    others = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
+    rows = [_row(t, t.user_attrs, "COMPLETE", directory) for t in completed]
+    if completed:
+        names = study.user_attrs.get("objectives", ["ppl"])
+        directions = [d.name.lower() for d in study.directions]
+        if len(names) == 1:
+            names, directions = ["ppl", "n_layers"], ["minimize", "maximize"]
+        flags = pareto_flags([tuple(t.user_attrs[n] for n in names) for t in completed], directions)
+        for row, flag in zip(rows, flags):
+            row["pareto"] = flag
+    frame = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS[1:] + ["pareto"])
+    frame = frame.sort_values(["ppl", "trial"], kind="stable").reset_index(drop=True)
+    frame.insert(0, "rank", pd.Series(range(1, len(frame) + 1), dtype="Int64"))
+    tail = pd.DataFrame([_row(t, t.user_attrs, t.state.name, directory) for t in others], columns=LEADERBOARD_COLUMNS[1:])
+    head = pd.DataFrame([_row(None, study.user_attrs["base"], "BASE", None)]) if "base" in study.user_attrs else None
+    parts = [p for p in (head, frame, tail) if p is not None and not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=LEADERBOARD_COLUMNS + ["pareto"])
+    return pd.concat(parts, ignore_index=True).reindex(columns=LEADERBOARD_COLUMNS + ["pareto"])
 
 
 def write_leaderboard(study: optuna.Study, directory: Path) -> pd.DataFrame:
@@ -96,5 +119,3 @@ def write_leaderboard(study: optuna.Study, directory: Path) -> pd.DataFrame:
     return frame
 
 
-def format_float(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"

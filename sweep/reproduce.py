@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 
 from evals.perplexity import PerplexityResult
 from evals.ppl_eval import PerplexityEval
@@ -16,15 +15,16 @@ from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_files import resolve_model_path
 from sweep.config import PerplexityConfig
+from sweep.records import merged_trials
 
 
 def pick_trial(study: optuna.Study, trial_number: int | None):
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    """The trial to rebuild: the given one, or the one with the lowest perplexity."""
+    completed = merged_trials(study)
     if trial_number is None:
-        merged = [t for t in completed if not t.user_attrs.get("is_base")]
-        if not merged:
-            raise SelfMergeError("the sweep has no completed merged trial yet")
-        return min(merged, key=lambda t: t.value)
+        if not completed:
+            raise SelfMergeError("the sweep has no completed trial yet")
+        return min(completed, key=lambda t: t.user_attrs["ppl"])
     for trial in completed:
         if trial.number == trial_number:
             return trial
@@ -49,7 +49,7 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
     (out_dir / f"{results_dir.name}-trial{trial.number}.mergekit.yml").write_text(plan_to_mergekit_yaml(plan, hf_id))
     ppl_config = PerplexityConfig(**{**scoring["eval"]["ppl"], "threads": threads})
     result = PerplexityEval.from_config(base, ppl_config)(model_path, progress=True)
-    stored = trial.value
+    stored = trial.user_attrs["ppl"]
     record = {"trial": trial.number, "plan": str(plan), "stored_ppl": stored, "reproduced_ppl": result.ppl, "model": str(model_path)}
     (out_dir / f"{results_dir.name}-trial{trial.number}.json").write_text(json.dumps(record, indent=2))
     print(f"trial {trial.number}  plan {plan}  ({plan.n_layers} layers)")

@@ -1,8 +1,11 @@
-"""Run a sweep: evaluate the base model as trial 0, then ask Optuna for plans until a budget ends.
+"""Run a sweep: score the base model once, then ask Optuna for plans until a budget ends.
 
 Each trial: plan from the space -> GGUF merge -> perplexity -> attributes in the study -> the
 leaderboard rewritten. A plan already scored is not merged again (cache hit). A trial whose merge
 or evaluation fails is recorded as failed with its reason and the sweep goes on.
+
+The base model's score is kept beside the trials (a study attribute), not as a trial: a trial
+without parameters would break the samplers that model a fixed search space (CMA-ES, NSGA-II).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import logging
 import math
 import socket
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,15 +21,19 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from evals.perplexity import PerplexityResult
 from evals.ppl_eval import PerplexityEval
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import read_gguf_header
 from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
+from merge_core.mergekit_recipe import read_mergekit_yaml
 from merge_core.model_files import resolve_model_path
+from merge_core.model_shape import ModelShape
 from sweep.config import SweepConfig
-from sweep.records import model_file, models_dir, write_leaderboard, write_trial_record
-from sweep.space import SearchSpace, build_space
+from sweep.records import merged_trials, model_file, models_dir, write_leaderboard, write_trial_record
+from sweep.samplers import make_sampler
+from sweep.spaces import SearchSpace, build_space
 from sweep.study import SweepLock, open_study, retry_orphaned_trials
 
 log = logging.getLogger("selfmerge")
@@ -51,82 +57,95 @@ def _differences(stored, wanted, prefix: str = "") -> list[str]:
     return [] if stored == wanted else [f"{prefix.rstrip('.')} was {stored}, now {wanted}"]
 
 
+def score_record(plan: LayerPlan, result: PerplexityResult, merge_seconds: float, file_bytes: int, base_ppl: float) -> dict:
+    return {
+        "plan": str(plan),
+        "n_layers": plan.n_layers,
+        "ppl": result.ppl,
+        "ppl_vs_base": result.ppl / base_ppl,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "n_tokens_scored": result.n_tokens_scored,
+        "eval_seconds": round(result.seconds, 2),
+        "merge_seconds": round(merge_seconds, 3),
+        "file_mb": round(file_bytes / 2**20, 1),
+        "worker": socket.gethostname(),
+    }
+
+
 class Sweep:
     def __init__(self, config: SweepConfig) -> None:
         self.config = config
         self.directory = config.sweep.directory
         self.base_path = resolve_model_path(config.model.path)
-        self.n_base_layers = read_gguf_header(self.base_path).block_count
-        self.space: SearchSpace = build_space(config.space_kind, self.n_base_layers, config.space)
+        self.shape = ModelShape.from_gguf_header(read_gguf_header(self.base_path))
+        self.n_base_layers = self.shape.n_layers
+        self.space: SearchSpace = build_space(config.space_kind, self.shape, config.space)
+        self.enqueue = [self._plan_to_enqueue(entry) for entry in config.sweep.enqueue]
+        self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials)
 
     # -- study set-up -----------------------------------------------------------------------
     def _open(self) -> optuna.Study:
-        study = open_study(self.config)
+        study = open_study(self.config, self.sampler)
         fingerprint = scoring_fingerprint(self.config, self.base_path)
         stored = study.user_attrs.get("scoring")
         if stored is None:
             study.set_user_attr("scoring", fingerprint)
             study.set_user_attr("model_hf_id", self.config.model.hf_id)
             study.set_user_attr("n_base_layers", self.n_base_layers)
+            study.set_user_attr("objectives", self.config.sweep.objective_names)
         elif stored != fingerprint:
             changes = "; ".join(_differences(stored, fingerprint))
             raise SelfMergeError(f"sweep {self.config.sweep.name!r} cannot resume with other scoring ({changes}): use another sweep.name")
         return study
 
-    def _base_trial(self, study: optuna.Study, evaluate: PerplexityEval) -> float:
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial.user_attrs.get("is_base"):
-                return trial.value
-        with warnings.catch_warnings():  # trial 0 runs outside optimize(): no heartbeat needed
-            warnings.simplefilter("ignore", UserWarning)
-            trial = study.ask()
-        trial.set_user_attr("is_base", True)
+    def _plan_to_enqueue(self, entry: str) -> tuple[LayerPlan, dict[str, int]]:
+        """A plan from text or a mergekit YAML, checked against the model, the rules and the space."""
+        plan = read_mergekit_yaml(entry)[0] if entry.endswith((".yml", ".yaml")) else LayerPlan.parse(entry)
+        plan.validate(self.n_base_layers)
+        problems = self.space.constraints.violations(plan, self.shape)
+        if problems:
+            raise SelfMergeError(f"sweep.enqueue: plan {plan} breaks the space's rules: {'; '.join(problems)}")
+        params = self.space.params_for(plan)
+        if params is None:
+            raise SelfMergeError(f"sweep.enqueue: plan {plan} is not in space '{self.config.space_kind}' (space=free holds any chain of slices)")
+        return plan, params
+
+    def _enqueue(self, study: optuna.Study) -> None:
+        for plan, params in self.enqueue:
+            study.enqueue_trial(params, user_attrs={"enqueued": str(plan)}, skip_if_exists=True)
+
+    def _base(self, study: optuna.Study, evaluate: PerplexityEval) -> dict:
+        if "base" in study.user_attrs:
+            return study.user_attrs["base"]
         plan = LayerPlan.identity(self.n_base_layers)
-        log.info("trial %d: base model %s (%d layers)", trial.number, self.base_path.name, self.n_base_layers)
+        log.info("base model %s (%d layers): scoring", self.base_path.name, self.n_base_layers)
         try:
             result = evaluate(self.base_path, progress=self.config.sweep.progress)
-            if not math.isfinite(result.ppl):
-                raise ValueError(f"perplexity is {result.ppl}")
         except Exception as err:
-            study.tell(trial, state=TrialState.FAIL)
             raise SelfMergeError(f"the base model could not be evaluated: {err}") from None
-        self._record(trial, plan, result, merge_seconds=0.0, file_bytes=self.base_path.stat().st_size, base_ppl=result.ppl)
-        study.tell(trial, result.ppl)
-        return result.ppl
+        if not math.isfinite(result.ppl):
+            raise SelfMergeError(f"the base model's perplexity is {result.ppl}: check eval.ppl.text")
+        base = score_record(plan, result, 0.0, self.base_path.stat().st_size, result.ppl)
+        study.set_user_attr("base", base)
+        return base
 
     # -- one trial --------------------------------------------------------------------------
-    def _record(self, trial, plan: LayerPlan, result, merge_seconds: float, file_bytes: int, base_ppl: float) -> None:
-        attrs = {
-            "plan": str(plan),
-            "n_layers": plan.n_layers,
-            "ppl": result.ppl,
-            "ppl_vs_base": result.ppl / base_ppl,
-            "tokens_per_second": round(result.tokens_per_second, 1),
-            "n_tokens_scored": result.n_tokens_scored,
-            "eval_seconds": round(result.seconds, 2),
-            "merge_seconds": round(merge_seconds, 3),
-            "file_mb": round(file_bytes / 2**20, 1),
-            "worker": socket.gethostname(),
-        }
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+    def _values(self, record: dict) -> list[float]:
+        return [float(record[name]) for name in self.config.sweep.objective_names]
 
     def _objective(self, base_ppl: float, evaluate: PerplexityEval):
-        def objective(trial: optuna.Trial) -> float:
+        def objective(trial: optuna.Trial):
             plan = self.space.suggest(trial)
-            for key, value in self.space.derived(plan).items():
+            for key, value in {**self.space.derived(plan), "plan": str(plan), "n_layers": plan.n_layers}.items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr("plan", str(plan))
-            trial.set_user_attr("n_layers", plan.n_layers)
             earlier = self._scored_plan(trial.study, str(plan))
             if earlier is not None:
                 for key, value in earlier.user_attrs.items():
-                    if key not in ("is_base",):
-                        trial.set_user_attr(key, value)
+                    trial.set_user_attr(key, value)
                 trial.set_user_attr("cache_hit_of", earlier.number)
                 trial.set_user_attr("eval_seconds", 0.0)
                 trial.set_user_attr("merge_seconds", 0.0)
-                return earlier.value
+                return earlier.values
             path = model_file(self.directory, trial.number)
             try:
                 start = time.perf_counter()
@@ -135,12 +154,14 @@ class Sweep:
                 result = evaluate(path, progress=False)
                 if not math.isfinite(result.ppl):
                     raise ValueError(f"perplexity is {result.ppl}")
-                self._record(trial, plan, result, merge_seconds, path.stat().st_size, base_ppl)
+                record = score_record(plan, result, merge_seconds, path.stat().st_size, base_ppl)
             except Exception as err:
                 path.unlink(missing_ok=True)
                 trial.set_user_attr("error", f"{type(err).__name__}: {err}")
                 raise TrialFailed(str(err)) from err
-            return result.ppl
+            for key, value in record.items():
+                trial.set_user_attr(key, value)
+            return self._values(record)
 
         return objective
 
@@ -153,24 +174,17 @@ class Sweep:
 
     # -- bookkeeping after each trial -------------------------------------------------------
     def _keep_top_k(self, study: optuna.Study) -> None:
-        ranked = sorted(
-            (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("is_base")),
-            key=lambda t: t.value,
-        )
+        ranked = sorted((t for t in merged_trials(study) if "cache_hit_of" not in t.user_attrs), key=lambda t: t.user_attrs["ppl"])
         keep = {model_file(self.directory, t.number) for t in ranked[: self.config.sweep.keep_top_k]}
         for path in models_dir(self.directory).glob("trial_*.gguf"):
             if path not in keep:
                 path.unlink(missing_ok=True)
 
     def _n_done(self, study: optuna.Study) -> int:
-        """Plan trials finished, not counting failures that were retried."""
+        """Trials finished, not counting failures that were retried."""
         trials = study.get_trials(deepcopy=False)
         retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
-        return sum(
-            1
-            for t in trials
-            if t.state in FINISHED and not t.user_attrs.get("is_base") and not (t.state == TrialState.FAIL and t.number in retried)
-        )
+        return sum(1 for t in trials if t.state in FINISHED and not (t.state == TrialState.FAIL and t.number in retried))
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> optuna.Study:
@@ -185,13 +199,14 @@ class Sweep:
                         log.warning("trial %d was running when its sweep died: marked failed, retried once", trial.number)
                         write_trial_record(self.directory, trial)
             evaluate = PerplexityEval.from_config(self.base_path, self.config.eval.ppl)
-            base_ppl = self._base_trial(study, evaluate)
+            base = self._base(study, evaluate)
+            self._enqueue(study)
             write_leaderboard(study, self.directory)
             done = self._n_done(study)
             if done >= run.n_trials:
                 log.info("sweep %s already has %d trials: nothing to do", run.name, done)
                 return study
-            self._optimize(study, base_ppl, evaluate, done)
+            self._optimize(study, base["ppl"], evaluate, done)
             return study
         finally:
             lock.close()
@@ -208,14 +223,19 @@ class Sweep:
             write_leaderboard(study, self.directory)
             n_done = self._n_done(study)
             bar.n = n_done
-            failed = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-            postfix = {"best_ppl": f"{study.best_value:.3f}", "failed": failed}
+            scored = [t.user_attrs["ppl"] for t in merged_trials(study)]
+            failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+            postfix = {"best_ppl": f"{min(scored):.3f}" if scored else "-", "base": f"{base_ppl:.3f}", "failed": failed}
             if timeout:
                 postfix["time_left"] = f"{max(0.0, timeout - (time.monotonic() - started)) / 60:.0f}m"
             bar.set_postfix(postfix)
             bar.refresh()
-            status = trial.state.name.lower() + (f" ppl={trial.value:.3f}" if trial.value is not None else "")
-            log.info("trial %d %s: %s", trial.number, trial.user_attrs.get("plan"), status + (f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else ""))
+            outcome = trial.state.name.lower()
+            if trial.state == TrialState.COMPLETE:
+                outcome += f" ppl={trial.user_attrs['ppl']:.3f}" + (" (cache hit)" if "cache_hit_of" in trial.user_attrs else "")
+            elif "error" in trial.user_attrs:
+                outcome += f" ({trial.user_attrs['error']})"
+            log.info("trial %d %s: %s", trial.number, trial.user_attrs.get("plan"), outcome)
             if n_done >= run.n_trials:
                 study.stop()
 

@@ -10,17 +10,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from merge_core.errors import SelfMergeError
-from sweep.config import SamplerConfig, SweepConfig
-
-
-def make_sampler(config: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
-    if config.kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # group=True: trials with other parameter sets (the base model's trial 0, define-by-run
-    # spaces) don't break the multivariate model; constant liar keeps parallel workers apart.
-    return optuna.samplers.TPESampler(
-        n_startup_trials=config.n_startup_trials, multivariate=True, group=True, constant_liar=True, seed=seed
-    )
+from sweep.config import SweepConfig
 
 
 def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorage:
@@ -37,12 +27,18 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
         raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
 
 
-def open_study(config: SweepConfig, create: bool = True) -> optuna.Study:
+def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the sweep's study, or load it to resume; its objectives must not have changed."""
     storage = make_storage(config.storage_url, config.storage.heartbeat_seconds)
-    sampler = make_sampler(config.sampler, config.sweep.seed)
-    if create:
-        return optuna.create_study(study_name=config.sweep.name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True)
-    return load_study(config.storage_url, config.sweep.name, sampler)
+    directions = config.sweep.directions
+    try:
+        study = optuna.create_study(study_name=config.sweep.name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True)
+    except ValueError as err:
+        raise SelfMergeError(f"sweep {config.sweep.name!r}: {err}") from None
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise SelfMergeError(f"sweep {config.sweep.name!r} optimises {stored}, not {directions}: use another sweep.name")
+    return study
 
 
 def load_study(url: str, name: str, sampler=None) -> optuna.Study:
@@ -84,7 +80,6 @@ def retry_orphaned_trials(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_system_attr(trial._trial_id, "fail_reason", "worker died during the trial")
         if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            if not trial.user_attrs.get("is_base"):  # the base trial is re-run by the sweep itself
-                retry(study, storage.get_trial(trial._trial_id))
+            retry(study, storage.get_trial(trial._trial_id))
             orphans.append(trial.number)
     return orphans

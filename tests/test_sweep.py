@@ -25,7 +25,7 @@ def _study(results, name):
 
 
 def _merged_trials(study, state=TrialState.COMPLETE):
-    return [t for t in study.get_trials(states=(state,)) if not t.user_attrs.get("is_base")]
+    return study.get_trials(states=(state,))
 
 
 @pytest.mark.slow
@@ -33,9 +33,9 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_repeating(tmp_path, wi
     results = tmp_path / "results"
     command = [sys.executable, "-m", "sweep.cli", "sweep", *fast_overrides("resume", wikitext_file, 3, results)]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_record = results / "resume" / "trials" / "1.json"
+    first_record = results / "resume" / "trials" / "0.json"
     deadline = time.monotonic() + 300
-    while not first_record.exists():  # kill once trial 1 is saved and trial 2 is under way
+    while not first_record.exists():  # kill once trial 0 is saved and trial 1 is under way
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -46,7 +46,7 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_repeating(tmp_path, wi
     before = _study(results, "resume")
     finished_before = {t.number: (t.user_attrs["plan"], t.value) for t in before.get_trials(states=(TrialState.COMPLETE,))}
     running = [t.number for t in before.get_trials(states=(TrialState.RUNNING,))]
-    assert 0 in finished_before and 1 in finished_before  # base and first merged trial
+    assert 0 in finished_before and "base" in before.user_attrs
     assert running, "the sweep was killed between trials; the test wants it mid-trial"
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -60,16 +60,16 @@ def test_sweep_killed_mid_trial_resumes_without_losing_or_repeating(tmp_path, wi
     retries = [t for t in after.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == killed.params
     assert len(_merged_trials(after)) == 3
-    bases = [t for t in after.trials if t.user_attrs.get("is_base")]
-    assert len(bases) == 1  # the base model was not evaluated again
+    assert after.user_attrs["base"] == before.user_attrs["base"]  # the base was not scored again
     evaluated = [t.user_attrs["plan"] for t in _merged_trials(after) if "cache_hit_of" not in t.user_attrs]
     assert len(evaluated) == len(set(evaluated))
 
     board = pd.read_csv(results / "resume" / "leaderboard.csv")
-    assert set(board["trial"]) == {t.number for t in after.trials if t.state.is_finished()}
-    assert board.loc[0, "rank"] == 1 and list(board["ppl"].dropna()) == sorted(board["ppl"].dropna())
-    base_row = board[board["state"] == "BASE"].iloc[0]
-    assert base_row["plan"] == "0-30" and base_row["ppl_vs_base"] == 1.0
+    assert set(board["trial"]) == {"base"} | {str(t.number) for t in after.trials if t.state.is_finished()}
+    base_row = board.iloc[0]
+    assert base_row["state"] == "BASE" and base_row["plan"] == "0-30" and base_row["ppl_vs_base"] == 1.0
+    ranked = board[board["state"] == "COMPLETE"]
+    assert list(ranked["rank"]) == list(range(1, len(ranked) + 1)) and list(ranked["ppl"]) == sorted(ranked["ppl"])
     assert json.loads((results / "resume" / "trials" / f"{killed.number}.json").read_text())["state"] == "FAIL"
 
 
@@ -105,5 +105,5 @@ def test_failed_merges_and_nan_scores_are_recorded_and_the_sweep_goes_on(tmp_pat
     board = pd.read_csv(tmp_path / "faults" / "leaderboard.csv")
     assert set(board.loc[board["state"] == "FAIL", "error"]) == {t.user_attrs["error"] for t in failed}
     kept = sorted(p.name for p in (tmp_path / "faults" / "models").iterdir())
-    best = min(_merged_trials(study), key=lambda t: t.value)
+    best = min(_merged_trials(study), key=lambda t: t.values[0])
     assert kept == [f"trial_{best.number}.gguf"]  # keep_top_k=1: only the best merged file is left

@@ -1,0 +1,51 @@
+"""Search spaces: each turns Optuna parameters into a LayerPlan that honours every constraint.
+
+| kind | parameters |
+| --- | --- |
+| uniform | first_size, jump, middle_size, n_middle |
+| growing | start_size, growth, jump |
+| free | n_slices, size_i, jump_i (define-by-run) |
+| repeat_block | block_start, block_size |
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from merge_core.errors import SelfMergeError
+from merge_core.layer_plan import LayerPlan
+from merge_core.model_shape import ModelShape
+from sweep.spaces.base import SearchSpace
+from sweep.spaces.free import FreeSpace, FreeSpaceConfig
+from sweep.spaces.growing import GrowingSpace, GrowingSpaceConfig
+from sweep.spaces.repeat_block import RepeatBlockSpace, RepeatBlockSpaceConfig
+from sweep.spaces.uniform import UniformSpace, UniformSpaceConfig
+
+SPACES = {
+    "uniform": (UniformSpace, UniformSpaceConfig),
+    "growing": (GrowingSpace, GrowingSpaceConfig),
+    "free": (FreeSpace, FreeSpaceConfig),
+    "repeat_block": (RepeatBlockSpace, RepeatBlockSpaceConfig),
+}
+
+__all__ = ["SPACES", "SearchSpace", "build_space", "sample_plans", *(cls.__name__ for pair in SPACES.values() for cls in pair)]
+
+
+def build_space(kind: str, shape: ModelShape, config) -> SearchSpace:
+    if kind not in SPACES:
+        raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
+    space_cls, _ = SPACES[kind]
+    space = space_cls(shape, config)
+    space.check_not_empty()
+    return space
+
+
+def sample_plans(space: SearchSpace, n: int, seed: int = 0) -> list[LayerPlan]:
+    """``n`` plans drawn by Optuna's RandomSampler through the same ``suggest`` path as a sweep."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    plans = []
+    for _ in range(n):
+        trial = study.ask()
+        plans.append(space.suggest(trial))
+        study.tell(trial, 0.0)
+    return plans
