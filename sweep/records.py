@@ -38,7 +38,7 @@ def trial_record(trial: FrozenTrial) -> dict:
     return {
         "trial": trial.number,
         "state": trial.state.name,
-        "value": trial.value,
+        "values": trial.values,
         "params": trial.params,
         **trial.user_attrs,
         "fail_reason": trial.system_attrs.get("fail_reason"),
