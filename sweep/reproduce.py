@@ -13,7 +13,7 @@ from merge_core.errors import SelfMergeError
 from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
-from merge_core.model_files import resolve_model_path
+from merge_core.model_files import BUNDLED_FILE, bundled_model_path
 from sweep.config import PerplexityConfig
 from sweep.records import merged_trials
 
@@ -37,8 +37,8 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
     if not scoring:
         raise SelfMergeError("this study has no scoring record; it was not written by selfmerge sweep")
     base = Path(scoring["model"])
-    if not base.is_file():
-        base = resolve_model_path("bundled") if base.name == "SmolLM2-135M-Instruct.Q4_1.gguf" else base
+    if not base.is_file() and base.name == BUNDLED_FILE:  # a sweep from another machine's site-packages
+        base = bundled_model_path()
     if not base.is_file():
         raise SelfMergeError(f"the sweep's base model {base} is not on this machine")
     plan = LayerPlan.parse(trial.user_attrs["plan"])

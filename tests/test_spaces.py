@@ -1,6 +1,5 @@
 """Every plan a space yields honours every constraint, checked by a checker written here."""
 
-import itertools
 from collections import Counter
 
 import optuna

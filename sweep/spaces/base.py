@@ -157,3 +157,16 @@ class SearchSpace:
 
     def empty_message(self) -> str:
         return f"the search space has no valid plan for a {self.n_base_layers}-layer model under these constraints: {self.constraints}"
+
+
+class FixedSpace(SearchSpace):
+    """A space whose parameters are always the same, drawn in ``ORDER`` from ``self.ranges``."""
+
+    ORDER: tuple[str, ...] = ()
+    ranges: dict[str, tuple[int, int]]
+
+    def next_param(self, params: Params) -> Optional[tuple[str, int, int]]:
+        if len(params) == len(self.ORDER):
+            return None
+        name = self.ORDER[len(params)]
+        return (name, *self.ranges[name])

@@ -9,7 +9,7 @@ from typing import Optional
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_shape import ModelShape
 from sweep.constraints import PlanConstraints
-from sweep.spaces.base import Params, SearchSpace, checked_range
+from sweep.spaces.base import FixedSpace, checked_range
 from sweep.spaces.uniform import chain_plan
 
 
@@ -21,7 +21,7 @@ class GrowingSpaceConfig:
     constraints: PlanConstraints = field(default_factory=PlanConstraints)
 
 
-class GrowingSpace(SearchSpace):
+class GrowingSpace(FixedSpace):
     """Slice i has ``start_size + i * growth`` layers; slices are added while the next one still
     ends before the last layer, then the last slice runs from ``end - jump`` to the end.
 
@@ -35,12 +35,6 @@ class GrowingSpace(SearchSpace):
         super().__init__(shape, config.constraints)
         n = shape.n_layers
         self.ranges = {name: checked_range(getattr(config, name), name, n) for name in self.ORDER}
-
-    def next_param(self, params: Params) -> Optional[tuple[str, int, int]]:
-        if len(params) == len(self.ORDER):
-            return None
-        name = self.ORDER[len(params)]
-        return (name, *self.ranges[name])
 
     def plan_from_params(self, params: dict[str, int]) -> Optional[LayerPlan]:
         size, growth, jump = (params[name] for name in self.ORDER)

@@ -8,7 +8,7 @@ from typing import Optional
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_shape import ModelShape
 from sweep.constraints import PlanConstraints
-from sweep.spaces.base import Params, SearchSpace, checked_range
+from sweep.spaces.base import FixedSpace, checked_range
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class RepeatBlockSpaceConfig:
     constraints: PlanConstraints = field(default_factory=PlanConstraints)
 
 
-class RepeatBlockSpace(SearchSpace):
+class RepeatBlockSpace(FixedSpace):
     """Layers ``[b, b+m)`` appear twice: ``0-(b+m), b-n``. On 30 layers, b=10, m=6 -> ``0-16,10-30``."""
 
     ORDER = ("block_start", "block_size")
@@ -30,12 +30,6 @@ class RepeatBlockSpace(SearchSpace):
             "block_start": checked_range(config.block_start, "block_start", n - 1),
             "block_size": checked_range(config.block_size, "block_size", n),
         }
-
-    def next_param(self, params: Params) -> Optional[tuple[str, int, int]]:
-        if len(params) == len(self.ORDER):
-            return None
-        name = self.ORDER[len(params)]
-        return (name, *self.ranges[name])
 
     def plan_from_params(self, params: dict[str, int]) -> Optional[LayerPlan]:
         start, size = params["block_start"], params["block_size"]

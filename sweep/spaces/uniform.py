@@ -8,7 +8,7 @@ from typing import Optional
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_shape import ModelShape
 from sweep.constraints import PlanConstraints
-from sweep.spaces.base import Params, SearchSpace, checked_range
+from sweep.spaces.base import FixedSpace, checked_range
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class UniformSpaceConfig:
     constraints: PlanConstraints = field(default_factory=PlanConstraints)
 
 
-class UniformSpace(SearchSpace):
+class UniformSpace(FixedSpace):
     """First slice F, then ``n_middle`` slices of size S, then the last slice to the end; each
     slice starts J layers before the previous one ended. The last slice's size follows:
     ``L = n_base - F + J - n_middle * (S - J)``; the output has ``n_base + (n_middle + 1) * J`` layers.
@@ -35,12 +35,6 @@ class UniformSpace(SearchSpace):
         super().__init__(shape, config.constraints)
         ceiling = {"first_size": shape.n_layers - 1, "middle_size": shape.n_layers, "jump": shape.n_layers, "n_middle": shape.n_layers}
         self.ranges = {name: checked_range(getattr(config, name), name, ceiling[name]) for name in self.ORDER}
-
-    def next_param(self, params: Params) -> Optional[tuple[str, int, int]]:
-        if len(params) == len(self.ORDER):
-            return None
-        name = self.ORDER[len(params)]
-        return (name, *self.ranges[name])
 
     def plan_from_params(self, params: dict[str, int]) -> Optional[LayerPlan]:
         first, jump, middle, n_middle = (params[name] for name in self.ORDER)
