@@ -152,6 +152,21 @@ def cmd_eval(args) -> None:
     )
 
 
+def cmd_eqbench_score(args) -> None:
+    from evals.eqbench import load_questions, read_answers_jsonl, score_answers
+
+    items = load_questions(args.questions)
+    answers = read_answers_jsonl(args.answers)
+    unknown = sorted(set(answers) - {item.id for item in items})
+    if unknown:
+        raise SelfMergeError(f"{args.answers} answers questions the question file lacks: {unknown[:5]}")
+    result = score_answers(items, answers)
+    print(
+        f"EQ-Bench v2 score {result.score:.2f} ({result.used}; first pass {result.first_pass_score:.2f}, "
+        f"revised {result.revised_score:.2f}); parse rate {result.parse_rate:.3f} of {result.n_items} items"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfmerge", description="Find good self-merges (passthrough frankenmerges) of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=512)
     p.add_argument("--windows", type=int, default=8, help="windows scored (0 = all)")
     p.add_argument("--threads", type=int)
+
+    p = sub.add_parser("eqbench", help="EQ-Bench v2 tools")
+    eq = p.add_subparsers(dest="eqbench_command", required=True)
+    p = eq.add_parser("score", help="score answers produced elsewhere exactly as EQ-Bench v2 does")
+    p.add_argument("questions", help="v2 question file, e.g. eq_bench_v2_questions_171.json")
+    p.add_argument("answers", help='JSONL, one {"id": ..., "text": ...} per line')
     return parser
 
 
@@ -208,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "plans":
             cmd_plans(args, extra)
         else:
-            {"leaderboard": cmd_leaderboard, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval}[args.command](args)
+            commands = {"leaderboard": cmd_leaderboard, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench_score}
+            commands[args.command](args)
     except SelfMergeError as err:
         _fail(str(err))
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:

@@ -90,7 +90,7 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
     """The base model, then one row per finished trial: completed ones best first (ranked by
     ppl), then pruned and failed. ``pareto`` marks the merges no other merge dominates in the
     study's objectives (for a ppl-only study: in ppl and depth, deeper counting as better)."""
-    completed = [t for t in merged_trials(study)]
+    completed = merged_trials(study)
     others = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
     rows = [_row(t, t.user_attrs, "COMPLETE", directory) for t in completed]
     if completed:
