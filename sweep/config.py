@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from merge_core.errors import SelfMergeError
 from sweep.constraints import PlanConstraints
+from sweep.samplers import SAMPLERS
 from sweep.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -58,8 +59,6 @@ class SamplerConfig:
     n_startup_trials: int = 5  # random trials before TPE / CMA-ES model the landscape
 
     def __post_init__(self) -> None:
-        from sweep.samplers import SAMPLERS
-
         if self.kind not in SAMPLERS:
             raise SelfMergeError(f"unknown sampler {self.kind!r}; choose one of {list(SAMPLERS)}")
         if self.n_startup_trials < 0:

@@ -31,7 +31,7 @@ from merge_core.mergekit_recipe import read_mergekit_yaml
 from merge_core.model_files import resolve_model_path
 from merge_core.model_shape import ModelShape
 from sweep.config import SweepConfig
-from sweep.records import merged_trials, model_file, models_dir, write_leaderboard, write_trial_record
+from sweep.records import model_file, models_dir, write_leaderboard, write_trial_record
 from sweep.samplers import make_sampler
 from sweep.spaces import SearchSpace, build_space
 from sweep.study import SweepLock, open_study, retry_orphaned_trials
@@ -78,7 +78,6 @@ class Sweep:
         self.directory = config.sweep.directory
         self.base_path = resolve_model_path(config.model.path)
         self.shape = ModelShape.from_gguf_header(read_gguf_header(self.base_path))
-        self.n_base_layers = self.shape.n_layers
         self.space: SearchSpace = build_space(config.space_kind, self.shape, config.space)
         self.enqueue = [self._plan_to_enqueue(entry) for entry in config.sweep.enqueue]
         self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials)
@@ -91,17 +90,20 @@ class Sweep:
         if stored is None:
             study.set_user_attr("scoring", fingerprint)
             study.set_user_attr("model_hf_id", self.config.model.hf_id)
-            study.set_user_attr("n_base_layers", self.n_base_layers)
+            study.set_user_attr("n_base_layers", self.shape.n_layers)
             study.set_user_attr("objectives", self.config.sweep.objective_names)
         elif stored != fingerprint:
             changes = "; ".join(_differences(stored, fingerprint))
             raise SelfMergeError(f"sweep {self.config.sweep.name!r} cannot resume with other scoring ({changes}): use another sweep.name")
+        objectives = study.user_attrs["objectives"]
+        if objectives != self.config.sweep.objective_names:
+            raise SelfMergeError(f"sweep {self.config.sweep.name!r} optimises {objectives}, not {self.config.sweep.objective_names}: use another sweep.name")
         return study
 
     def _plan_to_enqueue(self, entry: str) -> tuple[LayerPlan, dict[str, int]]:
         """A plan from text or a mergekit YAML, checked against the model, the rules and the space."""
         plan = read_mergekit_yaml(entry)[0] if entry.endswith((".yml", ".yaml")) else LayerPlan.parse(entry)
-        plan.validate(self.n_base_layers)
+        plan.validate(self.shape.n_layers)
         problems = self.space.constraints.violations(plan, self.shape)
         if problems:
             raise SelfMergeError(f"sweep.enqueue: plan {plan} breaks the space's rules: {'; '.join(problems)}")
@@ -117,8 +119,8 @@ class Sweep:
     def _base(self, study: optuna.Study, evaluate: PerplexityEval) -> dict:
         if "base" in study.user_attrs:
             return study.user_attrs["base"]
-        plan = LayerPlan.identity(self.n_base_layers)
-        log.info("base model %s (%d layers): scoring", self.base_path.name, self.n_base_layers)
+        plan = LayerPlan.identity(self.shape.n_layers)
+        log.info("base model %s (%d layers): scoring", self.base_path.name, self.shape.n_layers)
         try:
             result = evaluate(self.base_path, progress=self.config.sweep.progress)
         except Exception as err:
@@ -173,16 +175,17 @@ class Sweep:
         return None
 
     # -- bookkeeping after each trial -------------------------------------------------------
-    def _keep_top_k(self, study: optuna.Study) -> None:
-        ranked = sorted((t for t in merged_trials(study) if "cache_hit_of" not in t.user_attrs), key=lambda t: t.user_attrs["ppl"])
+    def _keep_top_k(self, trials: list[FrozenTrial]) -> None:
+        scored = (t for t in trials if t.state == TrialState.COMPLETE and "cache_hit_of" not in t.user_attrs)
+        ranked = sorted(scored, key=lambda t: t.user_attrs["ppl"])
         keep = {model_file(self.directory, t.number) for t in ranked[: self.config.sweep.keep_top_k]}
         for path in models_dir(self.directory).glob("trial_*.gguf"):
             if path not in keep:
                 path.unlink(missing_ok=True)
 
-    def _n_done(self, study: optuna.Study) -> int:
+    @staticmethod
+    def _n_done(trials: list[FrozenTrial]) -> int:
         """Trials finished, not counting failures that were retried."""
-        trials = study.get_trials(deepcopy=False)
         retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
         return sum(1 for t in trials if t.state in FINISHED and not (t.state == TrialState.FAIL and t.number in retried))
 
@@ -202,7 +205,7 @@ class Sweep:
             base = self._base(study, evaluate)
             self._enqueue(study)
             write_leaderboard(study, self.directory)
-            done = self._n_done(study)
+            done = self._n_done(study.get_trials(deepcopy=False))
             if done >= run.n_trials:
                 log.info("sweep %s already has %d trials: nothing to do", run.name, done)
                 return study
@@ -219,12 +222,13 @@ class Sweep:
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             write_trial_record(self.directory, trial)
-            self._keep_top_k(study)
+            trials = study.get_trials(deepcopy=False)
+            self._keep_top_k(trials)
             write_leaderboard(study, self.directory)
-            n_done = self._n_done(study)
+            n_done = self._n_done(trials)
             bar.n = n_done
-            scored = [t.user_attrs["ppl"] for t in merged_trials(study)]
-            failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+            scored = [t.user_attrs["ppl"] for t in trials if t.state == TrialState.COMPLETE]
+            failed = sum(t.state == TrialState.FAIL for t in trials)
             postfix = {"best_ppl": f"{min(scored):.3f}" if scored else "-", "base": f"{base_ppl:.3f}", "failed": failed}
             if timeout:
                 postfix["time_left"] = f"{max(0.0, timeout - (time.monotonic() - started)) / 60:.0f}m"
