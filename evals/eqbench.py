@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from evals.eqbench_items import EQItem
 from merge_core.errors import SelfMergeError
 
 _PAIR = re.compile(r"(\w+):\s+(\d+)")
@@ -29,18 +30,11 @@ ADJUST = 0.7477  # answering the top reference emotion 10 and the others 0 score
 
 
 @dataclass(frozen=True)
-class EQItem:
-    id: str
-    prompt: str
-    reference: dict[str, float]  # emotion -> reference intensity 0-10
-
-
-@dataclass(frozen=True)
 class ItemRecord:
     id: str
     raw_answer: str
-    first_pass: Optional[dict[str, int]]  # None when unparseable
-    revised: Optional[dict[str, int]]
+    first_pass: Optional[dict[str, float]]  # None when unparseable
+    revised: Optional[dict[str, float]]
     first_pass_score: Optional[float]
     revised_score: Optional[float]
 
@@ -54,28 +48,6 @@ class EQBenchResult:
     revised_score: float
     n_items: int
     records: list[ItemRecord] = field(repr=False)
-
-
-def load_questions(path: str | Path) -> list[EQItem]:
-    """The official v2 question file: {id: {prompt, reference_answer, reference_answer_fullscale}}."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SelfMergeError(f"EQ-Bench questions not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise SelfMergeError(f"{path} is not JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise SelfMergeError(f"{path}: expected an object of questions keyed by id")
-    items = []
-    for item_id, question in raw.items():
-        try:
-            ref = question["reference_answer_fullscale"]
-            reference = {str(ref[f"emotion{i}"]): float(ref[f"emotion{i}_score"]) for i in range(1, 5)}
-            items.append(EQItem(str(item_id), question["prompt"], reference))
-        except (KeyError, TypeError, ValueError):
-            raise SelfMergeError(f"{path}: question {item_id} lacks a v2 reference_answer_fullscale with four emotions") from None
-    return items
 
 
 def parse_answer(text: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -94,7 +66,7 @@ def _matched(reference: dict[str, float], answer: dict[str, str]) -> Optional[di
     return matched if len(matched) == 4 else None
 
 
-def item_score(reference: dict[str, float], answer: dict[str, int]) -> float:
+def item_score(reference: dict[str, float], answer: dict[str, float]) -> float:
     total = 0.0
     for emotion, value in answer.items():
         d = abs(float(value) - reference[emotion])
@@ -120,6 +92,11 @@ def score_answers(items: list[EQItem], answers: dict[str, str]) -> EQBenchResult
                 item_score(item.reference, revised) if revised else None,
             )  # fmt: skip
         )
+    return summarize(records)
+
+
+def summarize(records: list[ItemRecord]) -> EQBenchResult:
+    """The run score from per-item records: revised when it is no worse and as often parseable."""
     first_scores = [r.first_pass_score for r in records if r.first_pass_score is not None]
     revised_scores = [r.revised_score for r in records if r.revised_score is not None]
     first_run = 10 * sum(first_scores) / len(first_scores) if first_scores else 0.0
@@ -128,11 +105,11 @@ def score_answers(items: list[EQItem], answers: dict[str, str]) -> EQBenchResult
     parsed = len(revised_scores) if use_revised else len(first_scores)
     return EQBenchResult(
         score=revised_run if use_revised else first_run,
-        parse_rate=parsed / len(items),
+        parse_rate=parsed / len(records),
         used="revised" if use_revised else "first_pass",
         first_pass_score=first_run,
         revised_score=revised_run,
-        n_items=len(items),
+        n_items=len(records),
         records=records,
     )
 

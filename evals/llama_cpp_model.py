@@ -2,6 +2,7 @@
 
 Only the positions that are scored ask llama.cpp for logits (the second half of a window), and
 they are read straight from llama.cpp's buffer as one numpy array: no per-token Python lists.
+Chat goes through the model's own template (``tokenizer.chat_template`` in the GGUF).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class LlamaCppModel:
         self.n_batch = min(batch, n_ctx)
         self.n_vocab = self.llm.n_vocab()
         self._batch = None
+        self._cached: list[int] = []  # tokens in the KV cache, for next_token_logprobs
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -53,27 +55,71 @@ class LlamaCppModel:
         """The BOS token llama.cpp puts at the start of each window, if the model adds one."""
         return self.llm.token_bos() if self.llm._model.add_bos_token() else None
 
+    # -- chat -------------------------------------------------------------------------------
+    def _chat_template(self) -> str:
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise SelfMergeError("the model has no chat template (tokenizer.chat_template) in its GGUF metadata")
+        return template
+
+    def chat(self, messages: list[dict], max_tokens: int) -> str:
+        """Greedy reply through the model's own chat template."""
+        self._chat_template()
+        self._cached = []  # generation reuses llama.cpp's KV cache its own way
+        reply = self.llm.create_chat_completion(
+            messages=messages, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=max_tokens, seed=0
+        )  # fmt: skip
+        return reply["choices"][0]["message"]["content"] or ""
+
+    def chat_prompt_tokens(self, messages: list[dict]) -> list[int]:
+        """The tokens create_chat_completion would feed for these messages (assistant turn opened)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def text(token: int) -> str:
+            return self.llm._model.token_get_text(token) if token != -1 else ""
+
+        formatter = Jinja2ChatFormatter(self._chat_template(), eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos()))
+        rendered = formatter(messages=messages)
+        return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+
+    def next_token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of the token after ``tokens``; the KV cache keeps the longest common prefix
+        with the previous call, so extending a context costs only its new tokens."""
+        if not tokens:
+            raise ValueError("next_token_logprobs needs at least one token")
+        if len(tokens) > self.n_ctx:
+            raise SelfMergeError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        keep = 0
+        while keep < min(len(self._cached), len(tokens) - 1) and self._cached[keep] == tokens[keep]:
+            keep += 1
+        lib, ctx = self._lib, self.llm.ctx
+        self.llm.reset()  # llama-cpp-python's own prefix cache must not trust what we decode here
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
+        self._cached = list(tokens[:keep])
+        logits = self._decode(tokens[keep:], start=keep, want=lambda pos: pos == len(tokens) - 1)
+        self._cached = list(tokens)
+        row = logits[-1].astype(np.float64)
+        return row - (np.log(np.exp(row - row.max()).sum()) + row.max())
+
     # -- scoring ----------------------------------------------------------------------------
-    def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
+    def _decode(self, tokens: Sequence[int], start: int, want) -> np.ndarray:
+        """Feed tokens at positions start.. in batches; the logits rows of positions where want(pos)."""
         lib, ctx = self._lib, self.llm.ctx
         if self._batch is None:
             self._batch = lib.llama_batch_init(self.n_ctx, 0, 1)
-        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-        targets = np.asarray(window[first + 1 :], dtype=np.int64)
         rows = []
-        for chunk_start in range(0, len(window), self.n_batch):
-            chunk = window[chunk_start : chunk_start + self.n_batch]
+        for chunk_start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[chunk_start : chunk_start + self.n_batch]
             batch = self._batch
             batch.n_tokens = len(chunk)
             n_logits = 0
             for i, token in enumerate(chunk):
-                pos = chunk_start + i
+                pos = start + chunk_start + i
                 batch.token[i] = token
                 batch.pos[i] = pos
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                wanted = first <= pos < len(window) - 1
-                batch.logits[i] = wanted
+                batch.logits[i] = wanted = want(pos)
                 n_logits += wanted
             status = lib.llama_decode(ctx, batch)
             if status != 0:
@@ -82,7 +128,16 @@ class LlamaCppModel:
                 pointer = lib.llama_get_logits(ctx)
                 buffer = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float * (n_logits * self.n_vocab))).contents
                 rows.append(np.frombuffer(buffer, dtype=np.float32).reshape(n_logits, self.n_vocab).copy())
-        return log_softmax_nll(np.concatenate(rows), targets)
+        return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), dtype=np.float32)
+
+    def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
+        lib, ctx = self._lib, self.llm.ctx
+        self.llm.reset()
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        self._cached = []
+        targets = np.asarray(window[first + 1 :], dtype=np.int64)
+        rows = self._decode(window, start=0, want=lambda pos: first <= pos < len(window) - 1)
+        return log_softmax_nll(rows, targets)
 
     def close(self) -> None:
         if self._batch is not None:

@@ -1,4 +1,4 @@
-"""The ``selfmerge`` command: sweep, leaderboard, reproduce, plans, merge, eval.
+"""The ``selfmerge`` command: sweep, leaderboard, reproduce, plans, merge, eval, eqbench.
 
 Bad input prints one line, ``selfmerge: error: ...``, and exits with status 2.
 """
@@ -53,10 +53,11 @@ def cmd_sweep(overrides: list[str]) -> None:
             print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
             sys.exit(130)
 
-    try:  # Hydra reports a bad override over several lines; check it first, to say it in one
-        compose([o for o in overrides if not o.startswith("-")])
-    except SelfMergeError as err:
-        _fail(str(err))
+    if not {"-m", "--multirun"} & set(overrides):  # a multirun's sweep values (a=1,2) are checked per job
+        try:  # check overrides and values first: Hydra reports over several lines, and makes the run folder
+            load_config(compose([o for o in overrides if not o.startswith("-")]))
+        except SelfMergeError as err:
+            _fail(str(err))
     sys.argv = ["selfmerge", *overrides]
     try:
         task()
@@ -152,19 +153,44 @@ def cmd_eval(args) -> None:
     )
 
 
-def cmd_eqbench_score(args) -> None:
-    from evals.eqbench import load_questions, read_answers_jsonl, score_answers
-
-    items = load_questions(args.questions)
-    answers = read_answers_jsonl(args.answers)
-    unknown = sorted(set(answers) - {item.id for item in items})
-    if unknown:
-        raise SelfMergeError(f"{args.answers} answers questions the question file lacks: {unknown[:5]}")
-    result = score_answers(items, answers)
+def _print_eqbench(result) -> None:
     print(
         f"EQ-Bench v2 score {result.score:.2f} ({result.used}; first pass {result.first_pass_score:.2f}, "
         f"revised {result.revised_score:.2f}); parse rate {result.parse_rate:.3f} of {result.n_items} items"
     )
+
+
+def cmd_eqbench(args) -> None:
+    if args.eqbench_command == "score":
+        return cmd_eqbench_score(args)
+    import json
+    from dataclasses import asdict
+
+    from evals.eqbench_eval import EQBenchEval
+    from merge_core.model_files import resolve_model_path
+    from sweep.records import atomic_write_text
+
+    model = resolve_model_path(args.model)
+    evaluate = EQBenchEval(args.questions, args.n_items, args.seed, args.mode, args.max_tokens, args.logits_score, args.n_ctx, args.threads)
+    evaluate.check_fits(model)
+    result = evaluate(model, progress=True)
+    _print_eqbench(result)
+    if args.out:  # one JSON object per item; its id and text are what `selfmerge eqbench score` reads
+        lines = [json.dumps({"id": r.id, "text": r.raw_answer, **{k: v for k, v in asdict(r).items() if k not in ("id", "raw_answer")}}) for r in result.records]
+        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+        print(f"answers: {args.out}")
+
+
+def cmd_eqbench_score(args) -> None:
+    from evals.eqbench import read_answers_jsonl, score_answers
+    from evals.eqbench_items import load_items
+
+    items = load_items(args.questions)
+    answers = read_answers_jsonl(args.answers)
+    unknown = sorted(set(answers) - {item.id for item in items})
+    if unknown:
+        raise SelfMergeError(f"{args.answers} answers questions the question file lacks: {unknown[:5]}")
+    _print_eqbench(score_answers(items, answers))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,8 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eqbench", help="EQ-Bench v2 tools")
     eq = p.add_subparsers(dest="eqbench_command", required=True)
+    p = eq.add_parser("run", help="ask a model the questions and score its answers")
+    p.add_argument("model", help="GGUF file, or 'bundled'")
+    p.add_argument("--questions", default="offline", help="offline (shipped), a v2 question .json/.csv, or hf:OWNER/NAME")
+    p.add_argument("--n-items", type=int, default=0, help="a fixed random subset of this many items (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="generate", help="generate (as published) or logits (no generation)")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--logits-score", default="expected", help="logits mode: expected or argmax")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="write the answers and per-item scores as JSONL")
     p = eq.add_parser("score", help="score answers produced elsewhere exactly as EQ-Bench v2 does")
-    p.add_argument("questions", help="v2 question file, e.g. eq_bench_v2_questions_171.json")
+    p.add_argument("questions", help="v2 question file (e.g. eq_bench_v2_questions_171.json), or offline")
     p.add_argument("answers", help='JSONL, one {"id": ..., "text": ...} per line')
     return parser
 
@@ -229,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "plans":
             cmd_plans(args, extra)
         else:
-            commands = {"leaderboard": cmd_leaderboard, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench_score}
+            commands = {"leaderboard": cmd_leaderboard, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench}
             commands[args.command](args)
     except SelfMergeError as err:
         _fail(str(err))

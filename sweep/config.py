@@ -4,20 +4,22 @@ so a wrong type or an unknown key is caught once, with the key's name, before an
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from evals.eqbench_eval import check_options
 from merge_core.errors import SelfMergeError
 from sweep.constraints import PlanConstraints
 from sweep.samplers import SAMPLERS
 from sweep.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-OBJECTIVES = {"ppl": "minimize", "n_layers": "minimize"}  # name -> default direction
+OBJECTIVES = {"ppl": "minimize", "eqbench": "maximize", "n_layers": "minimize"}  # name -> default direction
+OBJECTIVE_EVAL = {"ppl": "ppl", "eqbench": "eqbench"}  # the eval an objective needs
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,36 @@ class PerplexityConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    kind: str = "ppl"
-    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+class EQBenchConfig:
+    questions: str = "offline"  # "offline" (shipped), a v2 question JSON/CSV, or hf:OWNER/NAME (online)
+    n_items: int = 0  # a fixed random subset of this many items (0 = all), for faster sweeps
+    seed: int = 0  # which subset
+    mode: str = "generate"  # generate (the benchmark as published) or logits (one pass, no generation)
+    max_tokens: int = 512  # reply length bound in generate mode
+    logits_score: str = "expected"  # logits mode: expected value or argmax of P(score 0-10)
+    n_ctx: int = 2048
+    threads: Optional[int] = None  # None = all cores
 
     def __post_init__(self) -> None:
-        if self.kind != "ppl":
-            raise SelfMergeError(f"unknown eval {self.kind!r}; available: ppl")
+        check_options(self.mode, self.logits_score, self.max_tokens, self.n_items)
+        if self.n_ctx < 256:
+            raise SelfMergeError(f"eval.eqbench.n_ctx={self.n_ctx} is out of range: must be >= 256")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluations each trial runs: those present (eval=ppl, eval=eqbench, eval=[ppl,eqbench])."""
+
+    ppl: Optional[PerplexityConfig] = None
+    eqbench: Optional[EQBenchConfig] = None
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            raise SelfMergeError("no evaluation configured: use eval=ppl, eval=eqbench or eval=[ppl,eqbench]")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [kind for kind in ("ppl", "eqbench") if getattr(self, kind) is not None]
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,7 @@ class RunConfig:
     seed: int = 0
     results_dir: str = "results"
     progress: bool = True
-    objectives: tuple[str, ...] = ("ppl",)  # e.g. [ppl, n_layers] or [ppl, "n_layers:maximize"]
+    objectives: Optional[tuple[str, ...]] = None  # None = one per eval; e.g. [ppl, n_layers] or [ppl, "n_layers:maximize"]
     enqueue: tuple[str, ...] = ()  # plans to score first: "0-16,8-30" or a mergekit YAML file
 
     def __post_init__(self) -> None:
@@ -91,27 +116,6 @@ class RunConfig:
         if self.keep_top_k < 0:
             raise SelfMergeError(f"sweep.keep_top_k={self.keep_top_k} is out of range: must be >= 0")
         parse_duration(self.timeout)
-        self.directions  # validates the objectives
-
-    @property
-    def directions(self) -> list[str]:
-        """Optuna's direction for each objective."""
-        directions = []
-        for objective in self.objectives:
-            name, _, direction = objective.partition(":")
-            if name not in OBJECTIVES:
-                raise SelfMergeError(f"sweep.objectives: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
-            direction = direction or OBJECTIVES[name]
-            if direction not in ("minimize", "maximize"):
-                raise SelfMergeError(f"sweep.objectives: {objective!r} has direction {direction!r}; use minimize or maximize")
-            directions.append(direction)
-        if not directions:
-            raise SelfMergeError("sweep.objectives is empty: name at least one, e.g. [ppl]")
-        return directions
-
-    @property
-    def objective_names(self) -> list[str]:
-        return [objective.partition(":")[0] for objective in self.objectives]
 
     @property
     def timeout_seconds(self) -> Optional[float]:
@@ -131,6 +135,37 @@ class SweepConfig:
     eval: EvalConfig
     storage: StorageConfig
     sweep: RunConfig
+
+    def __post_init__(self) -> None:
+        self.objectives  # validates them against the evals
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(name, Optuna direction) of each objective; by default one per configured eval."""
+        wanted = self.sweep.objectives if self.sweep.objectives is not None else self.eval.kinds
+        objectives = []
+        for objective in wanted:
+            name, _, direction = objective.partition(":")
+            if name not in OBJECTIVES:
+                raise SelfMergeError(f"sweep.objectives: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+            direction = direction or OBJECTIVES[name]
+            if direction not in ("minimize", "maximize"):
+                raise SelfMergeError(f"sweep.objectives: {objective!r} has direction {direction!r}; use minimize or maximize")
+            needs = OBJECTIVE_EVAL.get(name)
+            if needs and needs not in self.eval.kinds:
+                raise SelfMergeError(f"sweep.objectives: {name} needs eval {needs}, but eval is {self.eval.kinds}: add it, e.g. eval=[ppl,eqbench]")
+            objectives.append((name, direction))
+        if not objectives:
+            raise SelfMergeError("sweep.objectives is empty: name at least one, e.g. [ppl]")
+        return objectives
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [name for name, _ in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [direction for _, direction in self.objectives]
 
     @property
     def storage_url(self) -> str:

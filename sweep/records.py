@@ -15,9 +15,10 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 LEADERBOARD_COLUMNS = [
-    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eval_seconds", "merge_seconds", "state",
-    "tokens_per_second", "file_mb", "model_file", "cache_hit_of", "error",
+    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "eval_seconds",
+    "eqbench_seconds", "merge_seconds", "state", "tokens_per_second", "file_mb", "model_file", "cache_hit_of", "error",
 ]  # fmt: skip
+ATTR_COLUMNS = [c for c in LEADERBOARD_COLUMNS if c not in ("rank", "trial", "state", "model_file", "error")]  # a trial's own attributes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -71,38 +72,29 @@ def _row(trial: FrozenTrial | None, attrs: dict, state: str, directory: Path | N
     path = model_file(directory, trial.number) if trial is not None and directory is not None else None
     return {
         "trial": trial.number if trial is not None else "base",
-        "plan": attrs.get("plan"),
-        "n_layers": attrs.get("n_layers"),
-        "ppl": attrs.get("ppl"),
-        "ppl_vs_base": attrs.get("ppl_vs_base"),
-        "eval_seconds": attrs.get("eval_seconds"),
-        "merge_seconds": attrs.get("merge_seconds"),
+        **{column: attrs.get(column) for column in ATTR_COLUMNS},
         "state": state,
-        "tokens_per_second": attrs.get("tokens_per_second"),
-        "file_mb": attrs.get("file_mb"),
         "model_file": str(path) if path is not None and path.exists() else None,
-        "cache_hit_of": attrs.get("cache_hit_of"),
         "error": attrs.get("error") or (trial.system_attrs.get("fail_reason") if trial is not None else None),
     }
 
 
 def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.DataFrame:
-    """The base model, then one row per finished trial: completed ones best first (ranked by
-    ppl), then pruned and failed. ``pareto`` marks the merges no other merge dominates in the
-    study's objectives (for a ppl-only study: in ppl and depth, deeper counting as better)."""
+    """The base model, then one row per finished trial: completed ones best first (by the first
+    objective), then pruned and failed. ``pareto`` marks the merges no other merge dominates in the
+    study's objectives (for a single-objective study: in it and depth, deeper counting as better)."""
     completed = merged_trials(study)
     others = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
     rows = [_row(t, t.user_attrs, "COMPLETE", directory) for t in completed]
+    names = study.user_attrs.get("objectives", ["ppl"])
+    directions = [d.name.lower() for d in study.directions]
     if completed:
-        names = study.user_attrs.get("objectives", ["ppl"])
-        directions = [d.name.lower() for d in study.directions]
-        if len(names) == 1:
-            names, directions = ["ppl", "n_layers"], ["minimize", "maximize"]
-        flags = pareto_flags([tuple(t.user_attrs[n] for n in names) for t in completed], directions)
+        pareto_names, pareto_directions = (names, directions) if len(names) > 1 else ([names[0], "n_layers"], [directions[0], "maximize"])
+        flags = pareto_flags([tuple(t.user_attrs[n] for n in pareto_names) for t in completed], pareto_directions)
         for row, flag in zip(rows, flags):
             row["pareto"] = flag
     frame = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS[1:] + ["pareto"])
-    frame = frame.sort_values(["ppl", "trial"], kind="stable").reset_index(drop=True)
+    frame = frame.sort_values([names[0], "trial"], ascending=[directions[0] == "minimize", True], kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", pd.Series(range(1, len(frame) + 1), dtype="Int64"))
     tail = pd.DataFrame([_row(t, t.user_attrs, t.state.name, directory) for t in others], columns=LEADERBOARD_COLUMNS[1:])
     head = pd.DataFrame([_row(None, study.user_attrs["base"], "BASE", None)]) if "base" in study.user_attrs else None

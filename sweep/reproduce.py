@@ -7,31 +7,33 @@ from pathlib import Path
 
 import optuna
 
-from evals.perplexity import PerplexityResult
-from evals.ppl_eval import PerplexityEval
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
-from sweep.config import PerplexityConfig
 from sweep.records import merged_trials
+from sweep.scoring import TrialScorer, eval_config_from_fingerprint
+
+SCORES = ("ppl", "eqbench", "eqbench_parse_rate")
 
 
 def pick_trial(study: optuna.Study, trial_number: int | None):
-    """The trial to rebuild: the given one, or the one with the lowest perplexity."""
+    """The trial to rebuild: the given one, or the best by the study's first objective."""
     completed = merged_trials(study)
     if trial_number is None:
         if not completed:
             raise SelfMergeError("the sweep has no completed trial yet")
-        return min(completed, key=lambda t: t.user_attrs["ppl"])
+        name = study.user_attrs.get("objectives", ["ppl"])[0]
+        sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+        return min(completed, key=lambda t: sign * t.user_attrs[name])
     for trial in completed:
         if trial.number == trial_number:
             return trial
     raise SelfMergeError(f"trial {trial_number} is not a completed trial of this sweep")
 
 
-def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None) -> PerplexityResult:
+def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None) -> dict:
     trial = pick_trial(study, trial_number)
     scoring = study.user_attrs.get("scoring")
     if not scoring:
@@ -43,17 +45,20 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
         raise SelfMergeError(f"the sweep's base model {base} is not on this machine")
     plan = LayerPlan.parse(trial.user_attrs["plan"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / f"{results_dir.name}-trial{trial.number}.gguf"
+    stem = f"{results_dir.name}-trial{trial.number}"
+    model_path = out_dir / f"{stem}.gguf"
     merge_gguf(base, plan, model_path)
     hf_id = study.user_attrs.get("model_hf_id", str(base))
-    (out_dir / f"{results_dir.name}-trial{trial.number}.mergekit.yml").write_text(plan_to_mergekit_yaml(plan, hf_id))
-    ppl_config = PerplexityConfig(**{**scoring["eval"]["ppl"], "threads": threads})
-    result = PerplexityEval.from_config(base, ppl_config)(model_path, progress=True)
-    stored = trial.user_attrs["ppl"]
-    record = {"trial": trial.number, "plan": str(plan), "stored_ppl": stored, "reproduced_ppl": result.ppl, "model": str(model_path)}
-    (out_dir / f"{results_dir.name}-trial{trial.number}.json").write_text(json.dumps(record, indent=2))
+    (out_dir / f"{stem}.mergekit.yml").write_text(plan_to_mergekit_yaml(plan, hf_id))
+    scores = TrialScorer(eval_config_from_fingerprint(scoring, threads), base)(model_path, progress=True)
+    record = {"trial": trial.number, "plan": str(plan), "model": str(model_path)}
     print(f"trial {trial.number}  plan {plan}  ({plan.n_layers} layers)")
-    print(f"stored ppl     {stored:.4f}")
-    print(f"reproduced ppl {result.ppl:.4f}  ({(result.ppl / stored - 1) * 100:+.3f}%)")
+    for name in SCORES:
+        if name in scores:
+            stored, again = trial.user_attrs[name], scores[name]
+            record[f"stored_{name}"], record[f"reproduced_{name}"] = stored, again
+            change = f"  ({(again / stored - 1) * 100:+.3f}%)" if stored else ""
+            print(f"{name:18s} stored {stored:.4f}  reproduced {again:.4f}{change}")
+    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {model_path} and its mergekit YAML")
-    return result
+    return record

@@ -1,7 +1,7 @@
 """Run a sweep: score the base model once, then ask Optuna for plans until a budget ends.
 
-Each trial: plan from the space -> GGUF merge -> perplexity -> attributes in the study -> the
-leaderboard rewritten. A plan already scored is not merged again (cache hit). A trial whose merge
+Each trial: plan from the space -> GGUF merge -> the configured evals (perplexity, EQ-Bench) ->
+attributes in the study -> the leaderboard rewritten. A plan already scored is not merged again (cache hit). A trial whose merge
 or evaluation fails is recorded as failed with its reason and the sweep goes on.
 
 The base model's score is kept beside the trials (a study attribute), not as a trial: a trial
@@ -11,7 +11,6 @@ without parameters would break the samplers that model a fixed search space (CMA
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import time
 from dataclasses import asdict
@@ -21,8 +20,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from evals.perplexity import PerplexityResult
-from evals.ppl_eval import PerplexityEval
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import read_gguf_header
 from merge_core.gguf_merge import merge_gguf
@@ -33,6 +30,7 @@ from merge_core.model_shape import ModelShape
 from sweep.config import SweepConfig
 from sweep.records import model_file, models_dir, write_leaderboard, write_trial_record
 from sweep.samplers import make_sampler
+from sweep.scoring import TrialScorer, scoring_fingerprint
 from sweep.spaces import SearchSpace, build_space
 from sweep.study import SweepLock, open_study, retry_orphaned_trials
 
@@ -44,12 +42,6 @@ class TrialFailed(Exception):
     """A trial's merge or evaluation failed; the sweep records it and goes on."""
 
 
-def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
-    """What makes two scores comparable; a resumed sweep must match it."""
-    ppl = {k: v for k, v in asdict(config.eval.ppl).items() if k != "threads"}  # threads don't change scores
-    return {"model": str(base_path), "eval": {"kind": config.eval.kind, "ppl": ppl}}
-
-
 def _differences(stored, wanted, prefix: str = "") -> list[str]:
     if isinstance(stored, dict) and isinstance(wanted, dict):
         keys = sorted(set(stored) | set(wanted))
@@ -57,15 +49,10 @@ def _differences(stored, wanted, prefix: str = "") -> list[str]:
     return [] if stored == wanted else [f"{prefix.rstrip('.')} was {stored}, now {wanted}"]
 
 
-def score_record(plan: LayerPlan, result: PerplexityResult, merge_seconds: float, file_bytes: int, base_ppl: float) -> dict:
+def merge_record(plan: LayerPlan, merge_seconds: float, file_bytes: int) -> dict:
     return {
         "plan": str(plan),
         "n_layers": plan.n_layers,
-        "ppl": result.ppl,
-        "ppl_vs_base": result.ppl / base_ppl,
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "n_tokens_scored": result.n_tokens_scored,
-        "eval_seconds": round(result.seconds, 2),
         "merge_seconds": round(merge_seconds, 3),
         "file_mb": round(file_bytes / 2**20, 1),
         "worker": socket.gethostname(),
@@ -91,13 +78,13 @@ class Sweep:
             study.set_user_attr("scoring", fingerprint)
             study.set_user_attr("model_hf_id", self.config.model.hf_id)
             study.set_user_attr("n_base_layers", self.shape.n_layers)
-            study.set_user_attr("objectives", self.config.sweep.objective_names)
+            study.set_user_attr("objectives", self.config.objective_names)
         elif stored != fingerprint:
             changes = "; ".join(_differences(stored, fingerprint))
             raise SelfMergeError(f"sweep {self.config.sweep.name!r} cannot resume with other scoring ({changes}): use another sweep.name")
         objectives = study.user_attrs["objectives"]
-        if objectives != self.config.sweep.objective_names:
-            raise SelfMergeError(f"sweep {self.config.sweep.name!r} optimises {objectives}, not {self.config.sweep.objective_names}: use another sweep.name")
+        if objectives != self.config.objective_names:
+            raise SelfMergeError(f"sweep {self.config.sweep.name!r} optimises {objectives}, not {self.config.objective_names}: use another sweep.name")
         return study
 
     def _plan_to_enqueue(self, entry: str) -> tuple[LayerPlan, dict[str, int]]:
@@ -116,26 +103,24 @@ class Sweep:
         for plan, params in self.enqueue:
             study.enqueue_trial(params, user_attrs={"enqueued": str(plan)}, skip_if_exists=True)
 
-    def _base(self, study: optuna.Study, evaluate: PerplexityEval) -> dict:
+    def _base(self, study: optuna.Study, score: TrialScorer) -> dict:
         if "base" in study.user_attrs:
             return study.user_attrs["base"]
         plan = LayerPlan.identity(self.shape.n_layers)
-        log.info("base model %s (%d layers): scoring", self.base_path.name, self.shape.n_layers)
+        log.info("base model %s (%d layers): scoring %s", self.base_path.name, self.shape.n_layers, "+".join(self.config.eval.kinds))
         try:
-            result = evaluate(self.base_path, progress=self.config.sweep.progress)
+            scores = score(self.base_path, progress=self.config.sweep.progress)
         except Exception as err:
             raise SelfMergeError(f"the base model could not be evaluated: {err}") from None
-        if not math.isfinite(result.ppl):
-            raise SelfMergeError(f"the base model's perplexity is {result.ppl}: check eval.ppl.text")
-        base = score_record(plan, result, 0.0, self.base_path.stat().st_size, result.ppl)
+        base = {**merge_record(plan, 0.0, self.base_path.stat().st_size), **scores}
         study.set_user_attr("base", base)
         return base
 
     # -- one trial --------------------------------------------------------------------------
     def _values(self, record: dict) -> list[float]:
-        return [float(record[name]) for name in self.config.sweep.objective_names]
+        return [float(record[name]) for name in self.config.objective_names]
 
-    def _objective(self, base_ppl: float, evaluate: PerplexityEval):
+    def _objective(self, base: dict, score: TrialScorer):
         def objective(trial: optuna.Trial):
             plan = self.space.suggest(trial)
             for key, value in {**self.space.derived(plan), "plan": str(plan), "n_layers": plan.n_layers}.items():
@@ -145,18 +130,16 @@ class Sweep:
                 for key, value in earlier.user_attrs.items():
                     trial.set_user_attr(key, value)
                 trial.set_user_attr("cache_hit_of", earlier.number)
-                trial.set_user_attr("eval_seconds", 0.0)
-                trial.set_user_attr("merge_seconds", 0.0)
+                for key in ("eval_seconds", "eqbench_seconds", "merge_seconds"):
+                    if key in earlier.user_attrs:
+                        trial.set_user_attr(key, 0.0)
                 return earlier.values
             path = model_file(self.directory, trial.number)
             try:
                 start = time.perf_counter()
                 merge_gguf(self.base_path, plan, path)
-                merge_seconds = time.perf_counter() - start
-                result = evaluate(path, progress=False)
-                if not math.isfinite(result.ppl):
-                    raise ValueError(f"perplexity is {result.ppl}")
-                record = score_record(plan, result, merge_seconds, path.stat().st_size, base_ppl)
+                record = merge_record(plan, time.perf_counter() - start, path.stat().st_size)
+                record.update(score(path, base))
             except Exception as err:
                 path.unlink(missing_ok=True)
                 trial.set_user_attr("error", f"{type(err).__name__}: {err}")
@@ -175,9 +158,14 @@ class Sweep:
         return None
 
     # -- bookkeeping after each trial -------------------------------------------------------
+    def _rank_key(self, trial: FrozenTrial) -> float:
+        """Best first by the first objective."""
+        name, direction = self.config.objectives[0]
+        return trial.user_attrs[name] if direction == "minimize" else -trial.user_attrs[name]
+
     def _keep_top_k(self, trials: list[FrozenTrial]) -> None:
         scored = (t for t in trials if t.state == TrialState.COMPLETE and "cache_hit_of" not in t.user_attrs)
-        ranked = sorted(scored, key=lambda t: t.user_attrs["ppl"])
+        ranked = sorted(scored, key=self._rank_key)
         keep = {model_file(self.directory, t.number) for t in ranked[: self.config.sweep.keep_top_k]}
         for path in models_dir(self.directory).glob("trial_*.gguf"):
             if path not in keep:
@@ -201,20 +189,20 @@ class Sweep:
                     if trial.number in orphans:
                         log.warning("trial %d was running when its sweep died: marked failed, retried once", trial.number)
                         write_trial_record(self.directory, trial)
-            evaluate = PerplexityEval.from_config(self.base_path, self.config.eval.ppl)
-            base = self._base(study, evaluate)
+            score = TrialScorer(self.config.eval, self.base_path)
+            base = self._base(study, score)
             self._enqueue(study)
             write_leaderboard(study, self.directory)
             done = self._n_done(study.get_trials(deepcopy=False))
             if done >= run.n_trials:
                 log.info("sweep %s already has %d trials: nothing to do", run.name, done)
                 return study
-            self._optimize(study, base["ppl"], evaluate, done)
+            self._optimize(study, base, score, done)
             return study
         finally:
             lock.close()
 
-    def _optimize(self, study: optuna.Study, base_ppl: float, evaluate: PerplexityEval, done: int) -> None:
+    def _optimize(self, study: optuna.Study, base: dict, score: TrialScorer, done: int) -> None:
         run = self.config.sweep
         timeout = run.timeout_seconds
         started = time.monotonic()
@@ -227,16 +215,19 @@ class Sweep:
             write_leaderboard(study, self.directory)
             n_done = self._n_done(trials)
             bar.n = n_done
-            scored = [t.user_attrs["ppl"] for t in trials if t.state == TrialState.COMPLETE]
+            scored = [t for t in trials if t.state == TrialState.COMPLETE]
             failed = sum(t.state == TrialState.FAIL for t in trials)
-            postfix = {"best_ppl": f"{min(scored):.3f}" if scored else "-", "base": f"{base_ppl:.3f}", "failed": failed}
+            first = self.config.objective_names[0]
+            best = min(scored, key=self._rank_key).user_attrs[first] if scored else None
+            postfix = {f"best_{first}": f"{best:.3f}" if best is not None else "-", "base": f"{base.get(first, float('nan')):.3f}", "failed": failed}
             if timeout:
                 postfix["time_left"] = f"{max(0.0, timeout - (time.monotonic() - started)) / 60:.0f}m"
             bar.set_postfix(postfix)
             bar.refresh()
             outcome = trial.state.name.lower()
             if trial.state == TrialState.COMPLETE:
-                outcome += f" ppl={trial.user_attrs['ppl']:.3f}" + (" (cache hit)" if "cache_hit_of" in trial.user_attrs else "")
+                scores = " ".join(f"{k}={trial.user_attrs[k]:.3f}" for k in ("ppl", "eqbench") if k in trial.user_attrs)
+                outcome += f" {scores}" + (" (cache hit)" if "cache_hit_of" in trial.user_attrs else "")
             elif "error" in trial.user_attrs:
                 outcome += f" ({trial.user_attrs['error']})"
             log.info("trial %d %s: %s", trial.number, trial.user_attrs.get("plan"), outcome)
@@ -245,7 +236,7 @@ class Sweep:
 
         try:
             study.optimize(
-                self._objective(base_ppl, evaluate), timeout=timeout, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False
+                self._objective(base, score), timeout=timeout, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False
             )
         finally:
             bar.close()

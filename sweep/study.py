@@ -30,7 +30,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
 def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create the sweep's study, or load it to resume; its objectives must not have changed."""
     storage = make_storage(config.storage_url, config.storage.heartbeat_seconds)
-    directions = config.sweep.directions
+    directions = config.directions
     try:
         study = optuna.create_study(study_name=config.sweep.name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True)
     except ValueError as err:

@@ -91,8 +91,7 @@ def test_sweep_leaderboard_reproduce_and_nothing_overwritten_by_bad_input(tmp_pa
     assert "0-30" in shown.stdout and "BASE" in shown.stdout
     out = tmp_path / "best"
     again = run_cli("reproduce", str(results / "cli"), "--best", "--out", str(out), cwd=tmp_path, check=True)
-    stored = float(re.search(r"stored ppl\s+(\S+)", again.stdout).group(1))
-    reproduced = float(re.search(r"reproduced ppl\s+(\S+)", again.stdout).group(1))
+    stored, reproduced = map(float, re.search(r"ppl\s+stored (\S+)\s+reproduced (\S+)", again.stdout).groups())
     assert stored == reproduced
     assert len(list(out.glob("*.gguf"))) == 1 and len(list(out.glob("*.mergekit.yml"))) == 1
     assert_one_line_error(run_cli("reproduce", str(results / "cli"), "--trial", "99", "--out", str(out), cwd=tmp_path), "trial 99 is not")

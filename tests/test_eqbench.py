@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from evals.eqbench import EQItem, load_questions, parse_answer, read_answers_jsonl, score_answers
+from evals.eqbench import parse_answer, read_answers_jsonl, score_answers
+from evals.eqbench_items import EQItem, load_questions
 from merge_core import SelfMergeError
 
 from conftest import SHARED_DATA, run_cli

@@ -25,16 +25,16 @@ def _sweep(tmp_path, text, name, n_trials, *extra):
 
 
 def _count_evaluations(monkeypatch):
-    import sweep.runner as runner
+    import sweep.scoring as scoring
 
     scored = []
-    real = runner.PerplexityEval.__call__
+    real = scoring.PerplexityEval.__call__
 
     def counting(self, path, progress=False):
         scored.append(path.name)
         return real(self, path, progress)
 
-    monkeypatch.setattr(runner.PerplexityEval, "__call__", counting)
+    monkeypatch.setattr(scoring.PerplexityEval, "__call__", counting)
     return scored
 
 

@@ -87,7 +87,9 @@ def test_failed_merges_and_nan_scores_are_recorded_and_the_sweep_goes_on(tmp_pat
             raise RuntimeError("injected merge failure")
         return real_merge(base, plan, out)
 
-    real_call = runner.PerplexityEval.__call__
+    import sweep.scoring as scoring
+
+    real_call = scoring.PerplexityEval.__call__
 
     def nan_once(self, path, progress=False):
         result = real_call(self, path, progress)
@@ -96,7 +98,7 @@ def test_failed_merges_and_nan_scores_are_recorded_and_the_sweep_goes_on(tmp_pat
         return result
 
     monkeypatch.setattr(runner, "merge_gguf", flaky_merge)
-    monkeypatch.setattr(runner.PerplexityEval, "__call__", nan_once)
+    monkeypatch.setattr(scoring.PerplexityEval, "__call__", nan_once)
     study = Sweep(config).run()
 
     failed = _merged_trials(study, TrialState.FAIL)

@@ -1,0 +1,148 @@
+"""The EQ-Bench objective of a sweep: ask a model the items, score as EQ-Bench v2 does.
+
+Two ways to answer (``eval.eqbench.mode``):
+  generate  the benchmark as published: a greedy chat reply, parsed and scored (the default)
+  logits    no generation: the answer template is filled up to ``Emotion:`` and the model's
+            probabilities over the scores 0-10 at that point give the emotion's score (their
+            expected value, or the argmax). The prompt is read once per item, then a few
+            tokens per emotion, so a sweep can afford it on every trial. First pass only.
+
+Both modes work on any model with the ``ChatModel`` methods (llama.cpp here; the torch backend
+implements the same ones), through the model's own chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from evals.eqbench import EQBenchResult, ItemRecord, item_score, score_answers, summarize
+from evals.eqbench_items import EQItem, load_items, subset
+from evals.llama_cpp_model import LlamaCppModel
+from merge_core.errors import SelfMergeError
+
+MODES = ("generate", "logits")
+LOGITS_SCORES = ("expected", "argmax")
+SCORE_VALUES = tuple(range(11))
+FIRST_PASS_HEADING = "First pass scores:\n"
+
+
+class ChatModel(Protocol):
+    def chat(self, messages: list[dict], max_tokens: int) -> str: ...
+    def chat_prompt_tokens(self, messages: list[dict]) -> list[int]: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def next_token_logprobs(self, tokens: Sequence[int]) -> np.ndarray: ...
+
+
+def _messages(item: EQItem) -> list[dict]:
+    return [{"role": "user", "content": item.prompt}]
+
+
+# -- generation mode --------------------------------------------------------------------------
+def answer_by_generation(model: ChatModel, items: list[EQItem], max_tokens: int, progress: bool = False) -> EQBenchResult:
+    answers = {item.id: model.chat(_messages(item), max_tokens) for item in tqdm(items, desc="eqbench", unit="item", disable=not progress)}
+    return score_answers(items, answers)
+
+
+# -- logits mode ------------------------------------------------------------------------------
+def _common_prefix(sequences: list[list[int]]) -> int:
+    n = 0
+    while all(len(s) > n for s in sequences) and len({s[n] for s in sequences}) == 1:
+        n += 1
+    return n
+
+
+def score_distribution(model: ChatModel, prompt: list[int], answer_so_far: str) -> np.ndarray:
+    """P(score = 0..10) for the next ``Emotion: <score>``, over the tokenizer's own spelling of each
+    number: " 10" may be one token or " 1" then "0", so each score is a path of tokens and its
+    probability the product along it, less the mass of longer scores passing through it."""
+    spelled = [model.tokenize(f"{answer_so_far} {value}") for value in SCORE_VALUES]
+    shared = _common_prefix(spelled)
+    paths = [tuple(tokens[shared:]) for tokens in spelled]
+    if any(not path for path in paths):
+        raise SelfMergeError("the tokenizer spells two scores the same way; logits mode cannot tell them apart")
+    context = prompt + spelled[0][:shared]
+    logprobs: dict[tuple, np.ndarray] = {}
+
+    def path_probability(path: tuple) -> float:
+        total = 0.0
+        for depth, token in enumerate(path):
+            head = path[:depth]
+            if head not in logprobs:
+                logprobs[head] = model.next_token_logprobs(context + list(head))
+            total += logprobs[head][token]
+        return float(np.exp(total))
+
+    through = np.array([path_probability(path) for path in paths])
+    ending = through.copy()
+    for i, path in enumerate(paths):
+        for j, longer in enumerate(paths):
+            if j != i and len(longer) > len(path) and longer[: len(path)] == path:
+                ending[i] -= through[j]
+    ending = np.clip(ending, 0.0, None)
+    if ending.sum() <= 0:
+        return np.full(len(SCORE_VALUES), 1 / len(SCORE_VALUES))
+    return ending / ending.sum()
+
+
+def answer_by_logits(model: ChatModel, items: list[EQItem], score: str = "expected", progress: bool = False) -> EQBenchResult:
+    """First-pass scores read from the model's probabilities; every item is answered (parse rate 1)."""
+    records = []
+    for item in tqdm(items, desc="eqbench (logits)", unit="item", disable=not progress):
+        prompt = model.chat_prompt_tokens(_messages(item))
+        answer, values = FIRST_PASS_HEADING, {}
+        for emotion in item.emotions:
+            distribution = score_distribution(model, prompt, f"{answer}{emotion}:")
+            best = int(np.argmax(distribution))
+            values[emotion] = float(np.dot(SCORE_VALUES, distribution)) if score == "expected" else float(best)
+            answer += f"{emotion}: {best}\n"  # the context goes on with the most likely score, as a reply would
+        records.append(ItemRecord(item.id, answer, values, None, item_score(item.reference, values), None))
+    return summarize(records)
+
+
+# -- the sweep's objective --------------------------------------------------------------------
+def check_options(mode: str, logits_score: str, max_tokens: int, n_items: int) -> None:
+    if mode not in MODES:
+        raise SelfMergeError(f"eval.eqbench.mode={mode!r} is unknown; choose one of {list(MODES)}")
+    if logits_score not in LOGITS_SCORES:
+        raise SelfMergeError(f"eval.eqbench.logits_score={logits_score!r} is unknown; choose one of {list(LOGITS_SCORES)}")
+    if max_tokens < 1:
+        raise SelfMergeError(f"eval.eqbench.max_tokens={max_tokens} is out of range: must be >= 1")
+    if n_items < 0:
+        raise SelfMergeError(f"eval.eqbench.n_items={n_items} is out of range: must be >= 0 (0 = all)")
+
+
+class EQBenchEval:
+    """Items loaded once (a fixed subset when n_items is set); each call scores one model file."""
+
+    def __init__(self, questions: str = "offline", n_items: int = 0, seed: int = 0, mode: str = "generate", max_tokens: int = 512,
+                 logits_score: str = "expected", n_ctx: int = 2048, threads=None) -> None:  # fmt: skip
+        check_options(mode, logits_score, max_tokens, n_items)
+        self.items = subset(load_items(questions), n_items, seed)
+        if not self.items:
+            raise SelfMergeError(f"eval.eqbench.questions={questions!r} holds no items")
+        self.mode, self.max_tokens, self.logits_score, self.n_ctx, self.threads = mode, max_tokens, logits_score, n_ctx, threads
+
+    @classmethod
+    def from_config(cls, config) -> EQBenchEval:
+        return cls(config.questions, config.n_items, config.seed, config.mode, config.max_tokens, config.logits_score, config.n_ctx, config.threads)
+
+    def check_fits(self, tokenizer_model: str | Path) -> None:
+        """Fail before the sweep starts if the longest prompt plus the reply does not fit n_ctx."""
+        with LlamaCppModel(tokenizer_model, n_ctx=self.n_ctx, threads=self.threads) as model:
+            longest = max((len(model.chat_prompt_tokens(_messages(item))), item.id) for item in self.items)
+        reply = self.max_tokens if self.mode == "generate" else 16
+        if longest[0] + reply > self.n_ctx:
+            raise SelfMergeError(
+                f"eval.eqbench.n_ctx={self.n_ctx} is too small: question {longest[1]} takes {longest[0]} tokens plus {reply} for the answer"
+            )
+
+    def __call__(self, model_path: str | Path, progress: bool = False) -> EQBenchResult:
+        with LlamaCppModel(model_path, n_ctx=self.n_ctx, threads=self.threads) as model:
+            if self.mode == "logits":
+                return answer_by_logits(model, self.items, self.logits_score, progress)
+            return answer_by_generation(model, self.items, self.max_tokens, progress)
+

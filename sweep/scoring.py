@@ -1,0 +1,71 @@
+"""What a trial measures: the configured evaluations of one model file, as flat record fields.
+
+Built once per sweep (the perplexity text is tokenized and the EQ-Bench items loaded once); the
+base model and every merged plan are scored by the same object, so their numbers compare.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from evals.eqbench_eval import EQBenchEval
+from evals.ppl_eval import PerplexityEval
+from sweep.config import EvalConfig, SweepConfig
+
+
+def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
+    """What makes two scores comparable; a resumed sweep must match it (threads never change a score)."""
+    evals = {}
+    for kind in config.eval.kinds:
+        evals[kind] = {k: v for k, v in asdict(getattr(config.eval, kind)).items() if k != "threads"}
+    return {"model": str(base_path), "eval": evals}
+
+
+def eval_config_from_fingerprint(fingerprint: dict, threads: int | None = None) -> EvalConfig:
+    """The EvalConfig a sweep scored with, from its stored fingerprint (to re-score the same way)."""
+    from sweep.config import EQBenchConfig, PerplexityConfig
+
+    stored = fingerprint["eval"]
+    return EvalConfig(
+        ppl=PerplexityConfig(**stored["ppl"], threads=threads) if "ppl" in stored else None,
+        eqbench=EQBenchConfig(**stored["eqbench"], threads=threads) if "eqbench" in stored else None,
+    )
+
+
+class TrialScorer:
+    def __init__(self, config: EvalConfig, base_path: Path) -> None:
+        self.ppl = PerplexityEval.from_config(base_path, config.ppl) if config.ppl else None
+        self.eqbench = EQBenchEval.from_config(config.eqbench) if config.eqbench else None
+        if self.eqbench is not None:
+            self.eqbench.check_fits(base_path)
+
+    def __call__(self, model_path: Path, base: dict | None = None, progress: bool = False) -> dict:
+        """Record fields of every configured eval; ``base`` (the base model's record) gives the ratios."""
+        record: dict = {}
+        if self.ppl is not None:
+            result = self.ppl(model_path, progress=progress)
+            if not math.isfinite(result.ppl):
+                raise ValueError(f"perplexity is {result.ppl}")
+            record.update(
+                ppl=result.ppl,
+                ppl_vs_base=result.ppl / base["ppl"] if base else 1.0,
+                tokens_per_second=round(result.tokens_per_second, 1),
+                n_tokens_scored=result.n_tokens_scored,
+                eval_seconds=round(result.seconds, 2),
+            )
+        if self.eqbench is not None:
+            start = time.perf_counter()
+            result = self.eqbench(model_path, progress=progress)
+            record.update(
+                eqbench=round(result.score, 3),
+                eqbench_parse_rate=round(result.parse_rate, 3),
+                eqbench_used=result.used,
+                eqbench_first_pass=round(result.first_pass_score, 3),
+                eqbench_revised=round(result.revised_score, 3),
+                eqbench_seconds=round(time.perf_counter() - start, 2),
+                eqbench_items=[asdict(r) for r in result.records],  # why a plan scored as it did
+            )
+        return record
