@@ -29,6 +29,8 @@ bench: setup
 	$(BIN)/python benchmarks/merge_speed.py
 	$(BIN)/python benchmarks/search_efficiency.py landscape
 	$(BIN)/python benchmarks/search_efficiency.py replay
+	$(BIN)/python benchmarks/eqbench_modes.py base
+	$(BIN)/python benchmarks/eqbench_modes.py rank
 
 clean:
 	rm -rf $(VENV) results/*/

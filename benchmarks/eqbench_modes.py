@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from evals.eqbench import item_score
 from evals.eqbench_eval import EQBenchEval
@@ -40,7 +41,8 @@ PLANS = [
 
 
 def spearman(a, b) -> float:
-    ranks = [np.argsort(np.argsort(np.asarray(x, dtype=float), kind="stable"), kind="stable") for x in (a, b)]
+    """Rank correlation with tied values sharing their mean rank (NaN when either side is constant)."""
+    ranks = [pd.Series(x, dtype=float).rank(method="average").to_numpy() for x in (a, b)]
     if ranks[0].std() == 0 or ranks[1].std() == 0:
         return float("nan")
     return float(np.corrcoef(*ranks)[0, 1])
@@ -107,11 +109,18 @@ def cmd_rank(args) -> None:
             rows.append(row)
             print(f"{text:34s} ppl {row['ppl']:9.2f} | gen {row['generate']['score']:6.2f} (parse {row['generate']['parse_rate']:.2f}) "
                   f"lenient {row['generate']['lenient_score']:6.2f} (parse {row['generate']['lenient_parse_rate']:.2f}) | logits {row['logits']['score']:6.2f}")  # fmt: skip
+    summarize_rank(rows, args)
+
+
+def summarize_rank(rows, args) -> None:
     logits = [r["logits"]["score"] for r in rows]
     summary = {
         "spearman_logits_vs_generate": spearman(logits, [r["generate"]["score"] for r in rows]),
-        "spearman_logits_vs_generate_lenient": spearman(logits, [r["generate"]["lenient_score"] for r in rows]),
+        # lenient scores only where something parsed (a plan with nothing parsed has no score, not 0)
+        "spearman_logits_vs_generate_lenient": spearman(*zip(*[(r["logits"]["score"], r["generate"]["lenient_score"]) for r in rows if r["generate"]["lenient_parse_rate"] > 0])),
+        "plans_with_lenient_parses": float(sum(r["generate"]["lenient_parse_rate"] > 0 for r in rows)),
         "spearman_logits_vs_neg_ppl": spearman(logits, [-r["ppl"] for r in rows]),
+        "spearman_logits_vs_neg_ppl_without_gibberish": spearman(*zip(*[(r["logits"]["score"], -r["ppl"]) for r in rows if r["ppl"] < 100])),
         "speedup_logits_vs_generate": float(np.median([r["generate"]["seconds_per_item"] / r["logits"]["seconds_per_item"] for r in rows])),
     }
     for key, value in summary.items():
@@ -152,7 +161,10 @@ def main() -> None:
     p = sub.add_parser("rank")
     p.add_argument("--items", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--from-json", action="store_true", help="recompute the summary and plot from eqbench_rank.json")
     args = parser.parse_args()
+    if args.command == "rank" and args.from_json:
+        return summarize_rank(json.loads((OUT / "eqbench_rank.json").read_text())["rows"], args)
     {"base": cmd_base, "rank": cmd_rank}[args.command](args)
 
 

@@ -28,6 +28,7 @@ class WindowScorer(Protocol):
 @dataclass(frozen=True)
 class PerplexityResult:
     ppl: float
+    mean_nll: float
     n_windows: int
     n_ctx: int
     n_tokens_scored: int
@@ -40,6 +41,21 @@ class PerplexityResult:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+    def extended(self, more: PerplexityResult) -> PerplexityResult:
+        """This result and one over further windows, as if scored together."""
+        n = self.n_tokens_scored + more.n_tokens_scored
+        mean = (self.mean_nll * self.n_tokens_scored + more.mean_nll * more.n_tokens_scored) / n
+        return PerplexityResult(
+            _ppl(mean), mean, self.n_windows + more.n_windows, self.n_ctx, n,
+            self.n_tokens_evaluated + more.n_tokens_evaluated, self.seconds + more.seconds,
+        )  # fmt: skip
+
+
+def _ppl(mean_nll: float) -> float:
+    if not math.isfinite(mean_nll):
+        return float("nan") if math.isnan(mean_nll) else float("inf")
+    return math.exp(mean_nll) if mean_nll < 700 else float("inf")
 
 
 def make_windows(tokens: Sequence[int], n_ctx: int, max_windows: int = 0, bos: Optional[int] = None) -> list[list[int]]:
@@ -75,5 +91,4 @@ def perplexity(scorer: WindowScorer, windows: list[list[int]], progress: bool = 
         n_scored += len(nll)
     seconds = time.perf_counter() - start
     mean = total_nll / n_scored
-    ppl = math.exp(mean) if math.isfinite(mean) and mean < 700 else float("inf") if mean >= 700 else float("nan")
-    return PerplexityResult(ppl, len(windows), n_ctx, n_scored, len(windows) * n_ctx, seconds)
+    return PerplexityResult(_ppl(mean), mean, len(windows), n_ctx, n_scored, len(windows) * n_ctx, seconds)

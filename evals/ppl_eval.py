@@ -1,9 +1,11 @@
 """The perplexity objective of a sweep: the text is loaded and tokenized once, then each model
-file is scored on the same windows."""
+file is scored on the same windows, optionally in two stages (a few windows first, so a sweep can
+stop a hopeless plan early; the rest only if it goes on)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 from evals.corpus import load_text
 from evals.llama_cpp_model import LlamaCppModel
@@ -28,3 +30,15 @@ class PerplexityEval:
     def __call__(self, model_path: str | Path, progress: bool = False) -> PerplexityResult:
         with LlamaCppModel(model_path, n_ctx=self.n_ctx, threads=self.threads, batch=self.batch) as model:
             return perplexity(model, self.windows, progress=progress)
+
+    def staged(self, model_path: str | Path, early_windows: int, stop: Callable[[float], bool], progress: bool = False
+               ) -> tuple[PerplexityResult, Optional[PerplexityResult]]:  # fmt: skip
+        """Perplexity on the first ``early_windows`` windows, then ``stop(early_ppl)`` decides: stopped,
+        the full result is None; else the remaining windows extend the early ones (none scored twice)."""
+        with LlamaCppModel(model_path, n_ctx=self.n_ctx, threads=self.threads, batch=self.batch) as model:
+            early = perplexity(model, self.windows[:early_windows], progress=progress)
+            if early_windows >= len(self.windows):
+                return early, early
+            if stop(early.ppl):
+                return early, None
+            return early, early.extended(perplexity(model, self.windows[early_windows:], progress=progress))

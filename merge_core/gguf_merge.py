@@ -86,6 +86,14 @@ def merged_tensor_order(header: GGUFHeader, plan: LayerPlan) -> list[tuple[str, 
     return order
 
 
+def merged_size_bound(header: GGUFHeader, plan: LayerPlan) -> int:
+    """An upper bound of the merged file's size, before writing it (for disk budgets)."""
+    order = merged_tensor_order(header, plan)
+    data = sum(align_up(source.n_bytes, header.alignment) for _, source in order)
+    extra_tensors = max(0, len(order) - len(header.tensors))
+    return header.data_start + 256 * extra_tensors + 8 * plan.n_layers * len(header.metadata) + header.alignment + data
+
+
 def merge_gguf(base_path: str | Path, plan: LayerPlan, out_path: str | Path) -> Path:
     """Write the self-merge of ``base_path`` following ``plan`` to ``out_path``; return the path.
 

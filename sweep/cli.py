@@ -1,4 +1,4 @@
-"""The ``selfmerge`` command: sweep, leaderboard, reproduce, plans, merge, eval, eqbench.
+"""The ``selfmerge`` command: sweep, leaderboard, report, reproduce, plans, merge, eval, eqbench.
 
 Bad input prints one line, ``selfmerge: error: ...``, and exits with status 2.
 """
@@ -90,6 +90,14 @@ def cmd_leaderboard(args) -> None:
 
     path, study = _open_results(args.results, args.storage)
     print_leaderboard(leaderboard_frame(study, path), top=args.top)
+
+
+def cmd_report(args) -> None:
+    from sweep.report import write_report
+
+    path, study = _open_results(args.results, args.storage)
+    out = write_report(study, path)
+    print(f"report: {out}")
 
 
 def cmd_reproduce(args) -> None:
@@ -203,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
 
+    p = sub.add_parser("report", help="write report.html and PNG plots into the sweep's folder")
+    p.add_argument("results", help="results/<sweep> folder")
+    p.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+
     p = sub.add_parser("reproduce", help="rebuild a trial's merged GGUF and re-score it")
     p.add_argument("results", help="results/<sweep> folder")
     which = p.add_mutually_exclusive_group(required=True)
@@ -266,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "plans":
             cmd_plans(args, extra)
         else:
-            commands = {"leaderboard": cmd_leaderboard, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench}
+            commands = {"leaderboard": cmd_leaderboard, "report": cmd_report, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench}
             commands[args.command](args)
     except SelfMergeError as err:
         _fail(str(err))

@@ -3,6 +3,7 @@ so a wrong type or an unknown key is caught once, with the key's name, before an
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +98,53 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """Stage 1 of a trial: perplexity on a few windows; beyond max_ppl_ratio x the base's, the trial
+    stops there (PRUNED, early ppl recorded, still informing the sampler)."""
+
+    max_ppl_ratio: Optional[float] = 3.0  # null = never prune
+    early_windows: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
+            raise SelfMergeError(f"prune.max_ppl_ratio={self.max_ppl_ratio} is out of range: must be > 1 (or null: never prune)")
+        if self.early_windows < 1:
+            raise SelfMergeError(f"prune.early_windows={self.early_windows} is out of range: must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Each trial's merge and evaluation run in a child process under these limits."""
+
+    isolate: bool = True  # false: in the sweep's own process (debugging; a crash then ends the sweep)
+    timeout: Optional[str] = "auto"  # wall clock per trial: seconds, "20m", "auto" (10x the base's evaluation, >= 5 min), null
+    max_memory: Optional[str] = "auto"  # address-space cap of the child: "6GB", "auto" (75% of RAM), null
+
+    def __post_init__(self) -> None:
+        if self.timeout != "auto":
+            parse_duration(self.timeout, "trial.timeout")
+        if self.max_memory != "auto":
+            parse_size(self.max_memory, "trial.max_memory")
+
+    def timeout_seconds(self, base_seconds: float) -> Optional[float]:
+        if self.timeout == "auto":
+            return max(300.0, 10 * base_seconds)
+        return parse_duration(self.timeout, "trial.timeout")
+
+    @property
+    def max_memory_bytes(self) -> Optional[int]:
+        if self.max_memory == "auto":
+            return int(0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return parse_size(self.max_memory, "trial.max_memory")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     n_trials: int = 30  # trials in the study (the base model, scored beside them, not counted)
     timeout: Optional[str] = None  # stop starting new trials after this long: seconds, or "90m", "8h"
     keep_top_k: int = 2  # merged files kept on disk: the best k
+    disk_budget: Optional[str] = None  # most the merged files may take, e.g. "20GB"; the worst kept ones go first
     seed: int = 0
     results_dir: str = "results"
     progress: bool = True
@@ -116,10 +159,15 @@ class RunConfig:
         if self.keep_top_k < 0:
             raise SelfMergeError(f"sweep.keep_top_k={self.keep_top_k} is out of range: must be >= 0")
         parse_duration(self.timeout)
+        parse_size(self.disk_budget, "sweep.disk_budget")
 
     @property
     def timeout_seconds(self) -> Optional[float]:
         return parse_duration(self.timeout)
+
+    @property
+    def disk_budget_bytes(self) -> Optional[int]:
+        return parse_size(self.disk_budget, "sweep.disk_budget")
 
     @property
     def directory(self) -> Path:
@@ -135,6 +183,8 @@ class SweepConfig:
     eval: EvalConfig
     storage: StorageConfig
     sweep: RunConfig
+    prune: PruneConfig = PruneConfig()
+    trial: TrialConfig = TrialConfig()
 
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals
@@ -172,14 +222,25 @@ class SweepConfig:
         return self.storage.url or f"sqlite:///{self.sweep.directory / 'study.db'}"
 
 
-def parse_duration(value) -> Optional[float]:
+def parse_duration(value, key: str = "sweep.timeout") -> Optional[float]:
     """``None``, seconds, or a string like ``45s``, ``90m``, ``8h``, ``1d`` -> seconds."""
     if value is None or value == "":
         return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
     if not match or float(match.group(1)) <= 0:
-        raise SelfMergeError(f"sweep.timeout={value!r} is not a duration: use seconds or e.g. 90m, 8h")
+        raise SelfMergeError(f"{key}={value!r} is not a duration: use seconds or e.g. 90m, 8h")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def parse_size(value, key: str) -> Optional[int]:
+    """``None``, bytes, or a string like ``500MB``, ``20GB``, ``1.5TB`` (powers of 1024) -> bytes."""
+    if value is None or value == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(value), flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise SelfMergeError(f"{key}={value!r} is not a size: use bytes or e.g. 500MB, 20GB")
+    unit = match.group(2).upper()[:1]
+    return int(float(match.group(1)) * 1024 ** "BKMGT".index(unit or "B"))
 
 
 def _writable(node: DictConfig) -> DictConfig:
@@ -221,6 +282,8 @@ def load_config(cfg: DictConfig) -> SweepConfig:
         eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
         storage=_typed(StorageConfig, cfg.get("storage"), "storage"),
         sweep=_typed(RunConfig, cfg.get("sweep"), "sweep"),
+        prune=_typed(PruneConfig, cfg.get("prune"), "prune"),
+        trial=_typed(TrialConfig, cfg.get("trial"), "trial"),
     )
 
 

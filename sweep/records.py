@@ -15,7 +15,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 LEADERBOARD_COLUMNS = [
-    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "eval_seconds",
+    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "ppl_early", "eqbench", "eqbench_parse_rate", "eval_seconds",
     "eqbench_seconds", "merge_seconds", "state", "tokens_per_second", "file_mb", "model_file", "cache_hit_of", "error",
 ]  # fmt: skip
 ATTR_COLUMNS = [c for c in LEADERBOARD_COLUMNS if c not in ("rank", "trial", "state", "model_file", "error")]  # a trial's own attributes

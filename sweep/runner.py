@@ -1,8 +1,10 @@
 """Run a sweep: score the base model once, then ask Optuna for plans until a budget ends.
 
-Each trial: plan from the space -> GGUF merge -> the configured evals (perplexity, EQ-Bench) ->
-attributes in the study -> the leaderboard rewritten. A plan already scored is not merged again (cache hit). A trial whose merge
-or evaluation fails is recorded as failed with its reason and the sweep goes on.
+Each trial, in a child process (sweep/isolation.py): plan from the space -> GGUF merge -> early
+perplexity on a few windows (pruned there when hopeless) -> full perplexity -> EQ-Bench; then
+attributes in the study and the leaderboard rewritten. A plan already scored is not merged again
+(cache hit). A trial whose merge or evaluation fails, hangs past trial.timeout or dies is
+recorded as failed with its reason and the sweep goes on. Ctrl-C stops after the running trial.
 
 The base model's score is kept beside the trials (a study attribute), not as a trial: a trial
 without parameters would break the samplers that model a fixed search space (CMA-ES, NSGA-II).
@@ -11,10 +13,10 @@ without parameters would break the samplers that model a fixed search space (CMA
 from __future__ import annotations
 
 import logging
-import socket
+import math
+import signal
+import threading
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -22,15 +24,18 @@ from tqdm.auto import tqdm
 
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import read_gguf_header
-from merge_core.gguf_merge import merge_gguf
+from merge_core.gguf_merge import merged_size_bound
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import read_mergekit_yaml
 from merge_core.model_files import resolve_model_path
 from merge_core.model_shape import ModelShape
 from sweep.config import SweepConfig
 from sweep.records import model_file, models_dir, write_leaderboard, write_trial_record
+from sweep.isolation import TrialCrashed, run_isolated
+from sweep.pruning import EARLY_STEP, BaseRatioPruner, beyond
 from sweep.samplers import make_sampler
 from sweep.scoring import TrialScorer, scoring_fingerprint
+from sweep.trial_work import TrialWork, merge_record
 from sweep.spaces import SearchSpace, build_space
 from sweep.study import SweepLock, open_study, retry_orphaned_trials
 
@@ -49,29 +54,25 @@ def _differences(stored, wanted, prefix: str = "") -> list[str]:
     return [] if stored == wanted else [f"{prefix.rstrip('.')} was {stored}, now {wanted}"]
 
 
-def merge_record(plan: LayerPlan, merge_seconds: float, file_bytes: int) -> dict:
-    return {
-        "plan": str(plan),
-        "n_layers": plan.n_layers,
-        "merge_seconds": round(merge_seconds, 3),
-        "file_mb": round(file_bytes / 2**20, 1),
-        "worker": socket.gethostname(),
-    }
-
-
 class Sweep:
-    def __init__(self, config: SweepConfig) -> None:
+    """``work_type`` is what runs a trial (TrialWork: merge, then score); tests swap in faulty ones."""
+
+    def __init__(self, config: SweepConfig, work_type: type[TrialWork] = TrialWork) -> None:
         self.config = config
+        self.work_type = work_type
+        self._stopping = False
         self.directory = config.sweep.directory
         self.base_path = resolve_model_path(config.model.path)
-        self.shape = ModelShape.from_gguf_header(read_gguf_header(self.base_path))
+        self.header = read_gguf_header(self.base_path)
+        self.shape = ModelShape.from_gguf_header(self.header)
         self.space: SearchSpace = build_space(config.space_kind, self.shape, config.space)
         self.enqueue = [self._plan_to_enqueue(entry) for entry in config.sweep.enqueue]
         self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials)
 
     # -- study set-up -----------------------------------------------------------------------
     def _open(self) -> optuna.Study:
-        study = open_study(self.config, self.sampler)
+        ratio = self.config.prune.max_ppl_ratio
+        study = open_study(self.config, self.sampler, BaseRatioPruner(ratio) if ratio else None)
         fingerprint = scoring_fingerprint(self.config, self.base_path)
         stored = study.user_attrs.get("scoring")
         if stored is None:
@@ -104,6 +105,7 @@ class Sweep:
             study.enqueue_trial(params, user_attrs={"enqueued": str(plan)}, skip_if_exists=True)
 
     def _base(self, study: optuna.Study, score: TrialScorer) -> dict:
+        """Scored in the sweep's own process: if the base cannot be evaluated, no trial can."""
         if "base" in study.user_attrs:
             return study.user_attrs["base"]
         plan = LayerPlan.identity(self.shape.n_layers)
@@ -120,7 +122,30 @@ class Sweep:
     def _values(self, record: dict) -> list[float]:
         return [float(record[name]) for name in self.config.objective_names]
 
-    def _objective(self, base: dict, score: TrialScorer):
+    def _should_prune(self, trial: optuna.Trial, early_ppl: float) -> bool:
+        base_early = trial.study.user_attrs["base"].get("ppl_early")
+        if not self.config.prune.max_ppl_ratio or base_early is None:
+            return False
+        trial.set_user_attr("ppl_early", early_ppl)
+        if len(self.config.objectives) == 1:  # Optuna reports intermediate values for one objective only
+            trial.report(early_ppl if math.isfinite(early_ppl) else 1e30, EARLY_STEP)
+            return trial.should_prune()
+        return beyond(early_ppl, base_early, self.config.prune.max_ppl_ratio)
+
+    def _pruned(self, trial: optuna.Trial, early_ppl: float) -> optuna.TrialPruned:
+        ratio = trial.study.user_attrs["base"]["ppl_early"] * self.config.prune.max_ppl_ratio
+        return optuna.TrialPruned(f"early ppl {early_ppl:.4g} > {ratio:.4g} ({self.config.prune.max_ppl_ratio} x the base's)")
+
+    def _run_work(self, trial: optuna.Trial, work: TrialWork, plan: LayerPlan, path) -> dict:
+        limits = self.config.trial
+        if not limits.isolate:
+            return work(plan, path, lambda early: self._should_prune(trial, early))
+        base = trial.study.user_attrs["base"]
+        timeout = limits.timeout_seconds(base.get("eval_seconds", 0) + base.get("eqbench_seconds", 0))
+        record, peak_mb = run_isolated(work, (plan, path), lambda early: self._should_prune(trial, early), timeout, limits.max_memory_bytes)
+        return {**record, "peak_rss_mb": round(peak_mb)}
+
+    def _objective(self, work: TrialWork):
         def objective(trial: optuna.Trial):
             plan = self.space.suggest(trial)
             for key, value in {**self.space.derived(plan), "plan": str(plan), "n_layers": plan.n_layers}.items():
@@ -133,26 +158,32 @@ class Sweep:
                 for key in ("eval_seconds", "eqbench_seconds", "merge_seconds"):
                     if key in earlier.user_attrs:
                         trial.set_user_attr(key, 0.0)
+                if earlier.state == TrialState.PRUNED:
+                    self._should_prune(trial, earlier.user_attrs["ppl_early"])
+                    raise self._pruned(trial, earlier.user_attrs["ppl_early"])
                 return earlier.values
             path = model_file(self.directory, trial.number)
             try:
-                start = time.perf_counter()
-                merge_gguf(self.base_path, plan, path)
-                record = merge_record(plan, time.perf_counter() - start, path.stat().st_size)
-                record.update(score(path, base))
+                self._make_room(plan)
+                record = self._run_work(trial, work, plan, path)
             except Exception as err:
                 path.unlink(missing_ok=True)
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-                raise TrialFailed(str(err)) from err
+                reason = str(err) if isinstance(err, TrialCrashed) else f"{type(err).__name__}: {err}"
+                trial.set_user_attr("error", reason)
+                raise TrialFailed(reason) from err
             for key, value in record.items():
                 trial.set_user_attr(key, value)
+            if record.get("pruned"):
+                path.unlink(missing_ok=True)
+                raise self._pruned(trial, record["ppl_early"])
             return self._values(record)
 
         return objective
 
     @staticmethod
     def _scored_plan(study: optuna.Study, plan: str) -> FrozenTrial | None:
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        """An earlier trial that scored (or pruned) this plan itself."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             if trial.user_attrs.get("plan") == plan and "cache_hit_of" not in trial.user_attrs:
                 return trial
         return None
@@ -163,13 +194,33 @@ class Sweep:
         name, direction = self.config.objectives[0]
         return trial.user_attrs[name] if direction == "minimize" else -trial.user_attrs[name]
 
-    def _keep_top_k(self, trials: list[FrozenTrial]) -> None:
+    def _ranked_files(self, trials: list[FrozenTrial]) -> list:
+        """The merged files of completed trials, best first."""
         scored = (t for t in trials if t.state == TrialState.COMPLETE and "cache_hit_of" not in t.user_attrs)
-        ranked = sorted(scored, key=self._rank_key)
-        keep = {model_file(self.directory, t.number) for t in ranked[: self.config.sweep.keep_top_k]}
+        return [model_file(self.directory, t.number) for t in sorted(scored, key=self._rank_key)]
+
+    def _keep_top_k(self, trials: list[FrozenTrial]) -> None:
+        keep = set(self._ranked_files(trials)[: self.config.sweep.keep_top_k])
         for path in models_dir(self.directory).glob("trial_*.gguf"):
             if path not in keep:
                 path.unlink(missing_ok=True)
+
+    def _make_room(self, plan: LayerPlan) -> None:
+        """Under sweep.disk_budget, delete kept files, worst first, until the next merge fits."""
+        budget = self.config.sweep.disk_budget_bytes
+        if budget is None:
+            return
+        needed = merged_size_bound(self.header, plan)
+        if needed > budget:
+            raise SelfMergeError(f"plan {plan} makes a {needed / 2**20:.0f} MiB file, more than sweep.disk_budget={self.config.sweep.disk_budget}")
+        files = [p for p in reversed(self._ranked_files(self.study.get_trials(deepcopy=False))) if p.exists()]
+        files += [p for p in models_dir(self.directory).glob("trial_*.gguf") if p not in files]  # strays first
+        used = sum(p.stat().st_size for p in models_dir(self.directory).glob("*.gguf*"))
+        while used + needed > budget and files:
+            victim = files.pop()
+            used -= victim.stat().st_size
+            victim.unlink()
+            log.info("disk budget: deleted %s to make room", victim.name)
 
     @staticmethod
     def _n_done(trials: list[FrozenTrial]) -> int:
@@ -189,7 +240,12 @@ class Sweep:
                     if trial.number in orphans:
                         log.warning("trial %d was running when its sweep died: marked failed, retried once", trial.number)
                         write_trial_record(self.directory, trial)
-            score = TrialScorer(self.config.eval, self.base_path)
+            budget = self.config.sweep.disk_budget_bytes
+            if budget is not None and budget < merged_size_bound(self.header, LayerPlan.identity(self.shape.n_layers)):
+                raise SelfMergeError(f"sweep.disk_budget={self.config.sweep.disk_budget} is smaller than one merged file ({self.base_path.stat().st_size / 2**20:.0f} MiB or more)")
+            prune = self.config.prune
+            early_windows = prune.early_windows if prune.max_ppl_ratio and self.config.eval.ppl else 0
+            score = TrialScorer(self.config.eval, self.base_path, early_windows)
             base = self._base(study, score)
             self._enqueue(study)
             write_leaderboard(study, self.directory)
@@ -197,12 +253,19 @@ class Sweep:
             if done >= run.n_trials:
                 log.info("sweep %s already has %d trials: nothing to do", run.name, done)
                 return study
-            self._optimize(study, base, score, done)
+            self.study = study
+            self._optimize(study, base, self.work_type(self.base_path, score, base), done)
             return study
         finally:
             lock.close()
 
-    def _optimize(self, study: optuna.Study, base: dict, score: TrialScorer, done: int) -> None:
+    def _on_ctrl_c(self, signum, frame) -> None:
+        if self._stopping:
+            raise KeyboardInterrupt
+        self._stopping = True
+        log.warning("Ctrl-C: the sweep stops once the running trial is saved (Ctrl-C again to abort it)")
+
+    def _optimize(self, study: optuna.Study, base: dict, work: TrialWork, done: int) -> None:
         run = self.config.sweep
         timeout = run.timeout_seconds
         started = time.monotonic()
@@ -217,9 +280,10 @@ class Sweep:
             bar.n = n_done
             scored = [t for t in trials if t.state == TrialState.COMPLETE]
             failed = sum(t.state == TrialState.FAIL for t in trials)
+            pruned = sum(t.state == TrialState.PRUNED for t in trials)
             first = self.config.objective_names[0]
             best = min(scored, key=self._rank_key).user_attrs[first] if scored else None
-            postfix = {f"best_{first}": f"{best:.3f}" if best is not None else "-", "base": f"{base.get(first, float('nan')):.3f}", "failed": failed}
+            postfix = {f"best_{first}": f"{best:.3f}" if best is not None else "-", "base": f"{base.get(first, float('nan')):.3f}", "pruned": pruned, "failed": failed}
             if timeout:
                 postfix["time_left"] = f"{max(0.0, timeout - (time.monotonic() - started)) / 60:.0f}m"
             bar.set_postfix(postfix)
@@ -228,15 +292,19 @@ class Sweep:
             if trial.state == TrialState.COMPLETE:
                 scores = " ".join(f"{k}={trial.user_attrs[k]:.3f}" for k in ("ppl", "eqbench") if k in trial.user_attrs)
                 outcome += f" {scores}" + (" (cache hit)" if "cache_hit_of" in trial.user_attrs else "")
+            elif trial.state == TrialState.PRUNED:
+                outcome += f" at early ppl={trial.user_attrs.get('ppl_early', float('nan')):.4g}"
             elif "error" in trial.user_attrs:
                 outcome += f" ({trial.user_attrs['error']})"
             log.info("trial %d %s: %s", trial.number, trial.user_attrs.get("plan"), outcome)
-            if n_done >= run.n_trials:
+            if n_done >= run.n_trials or self._stopping:
                 study.stop()
 
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_ctrl_c) if in_main else None
         try:
-            study.optimize(
-                self._objective(base, score), timeout=timeout, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False
-            )
+            study.optimize(self._objective(work), timeout=timeout, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False)
         finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
             bar.close()

@@ -36,17 +36,28 @@ def eval_config_from_fingerprint(fingerprint: dict, threads: int | None = None) 
 
 
 class TrialScorer:
-    def __init__(self, config: EvalConfig, base_path: Path) -> None:
+    """``early_windows`` > 0 scores perplexity in two stages (see PerplexityEval.staged): the record
+    gets ``ppl_early``, and a ``stop_early(early_ppl)`` that answers True ends the scoring there."""
+
+    def __init__(self, config: EvalConfig, base_path: Path, early_windows: int = 0) -> None:
+        self.early_windows = early_windows
         self.ppl = PerplexityEval.from_config(base_path, config.ppl) if config.ppl else None
         self.eqbench = EQBenchEval.from_config(config.eqbench) if config.eqbench else None
         if self.eqbench is not None:
             self.eqbench.check_fits(base_path)
 
-    def __call__(self, model_path: Path, base: dict | None = None, progress: bool = False) -> dict:
-        """Record fields of every configured eval; ``base`` (the base model's record) gives the ratios."""
+    def __call__(self, model_path: Path, base: dict | None = None, progress: bool = False, stop_early=None) -> dict:
+        """Record fields of every configured eval; ``base`` (the base model's record) gives the ratios.
+        Stopped early, the record has ``ppl_early`` and ``pruned`` only."""
         record: dict = {}
         if self.ppl is not None:
-            result = self.ppl(model_path, progress=progress)
+            if self.early_windows:
+                early, result = self.ppl.staged(model_path, self.early_windows, stop_early or (lambda ppl: False), progress)
+                record["ppl_early"] = early.ppl
+                if result is None:
+                    return {**record, "pruned": True}
+            else:
+                result = self.ppl(model_path, progress=progress)
             if not math.isfinite(result.ppl):
                 raise ValueError(f"perplexity is {result.ppl}")
             record.update(

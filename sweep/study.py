@@ -27,12 +27,12 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
         raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
 
 
-def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create the sweep's study, or load it to resume; its objectives must not have changed."""
     storage = make_storage(config.storage_url, config.storage.heartbeat_seconds)
     directions = config.directions
     try:
-        study = optuna.create_study(study_name=config.sweep.name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True)
+        study = optuna.create_study(study_name=config.sweep.name, storage=storage, sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True)
     except ValueError as err:
         raise SelfMergeError(f"sweep {config.sweep.name!r}: {err}") from None
     stored = [d.name.lower() for d in study.directions]

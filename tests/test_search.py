@@ -28,20 +28,20 @@ def _count_evaluations(monkeypatch):
     import sweep.scoring as scoring
 
     scored = []
-    real = scoring.PerplexityEval.__call__
+    real = scoring.PerplexityEval.staged
 
-    def counting(self, path, progress=False):
+    def counting(self, path, *args, **kwargs):
         scored.append(path.name)
-        return real(self, path, progress)
+        return real(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(scoring.PerplexityEval, "__call__", counting)
+    monkeypatch.setattr(scoring.PerplexityEval, "staged", counting)
     return scored
 
 
 @pytest.mark.slow
 def test_identical_plans_are_scored_once(tmp_path, wikitext_file, monkeypatch):
     scored = _count_evaluations(monkeypatch)
-    study = _sweep(tmp_path, wikitext_file, "dedup", 9, *TINY_SPACE).run()
+    study = _sweep(tmp_path, wikitext_file, "dedup", 9, *TINY_SPACE, "trial.isolate=false").run()
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     plans = {t.user_attrs["plan"] for t in trials}
     hits = [t for t in trials if "cache_hit_of" in t.user_attrs]

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from evals.perplexity import PerplexityResult
 from sweep.config import compose, load_config
 from sweep.runner import Sweep
+from sweep.trial_work import TrialWork
 
 from conftest import REPO, fast_overrides
 
@@ -28,84 +28,115 @@ def _merged_trials(study, state=TrialState.COMPLETE):
     return study.get_trials(states=(state,))
 
 
+def _finished(study):
+    return {t.number: (t.user_attrs["plan"], t.state.name, t.values) for t in study.trials if t.state.is_finished()}
+
+
 @pytest.mark.slow
-def test_sweep_killed_mid_trial_resumes_without_losing_or_repeating(tmp_path, wikitext_file):
-    results = tmp_path / "results"
-    command = [sys.executable, "-m", "sweep.cli", "sweep", *fast_overrides("resume", wikitext_file, 3, results)]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_record = results / "resume" / "trials" / "0.json"
+@pytest.mark.parametrize("phase", ["merge", "eval", "between"])
+def test_sweep_killed_at_any_point_resumes_without_losing_or_repeating(tmp_path, wikitext_file, phase):
+    """SIGKILL the sweep (its own pid, as the OOM killer would) during a merge, during an
+    evaluation, or between two trials; rerun: nothing finished is lost, nothing scored twice."""
+    results, marks = tmp_path / "results", tmp_path / "marks"
+    driver = [sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(results), str(wikitext_file), "3", str(marks)]
+    proc = subprocess.Popen(driver + ["3"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mark = marks / f"{phase}-1"  # trial 1's merge or evaluation, or the pause after trial 1
     deadline = time.monotonic() + 300
-    while not first_record.exists():  # kill once trial 0 is saved and trial 1 is under way
+    while not mark.exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    before = _study(results, "resume")
-    finished_before = {t.number: (t.user_attrs["plan"], t.value) for t in before.get_trials(states=(TrialState.COMPLETE,))}
+    before = _study(results, "killed")
     running = [t.number for t in before.get_trials(states=(TrialState.RUNNING,))]
-    assert 0 in finished_before and "base" in before.user_attrs
-    assert running, "the sweep was killed between trials; the test wants it mid-trial"
+    assert "base" in before.user_attrs and (running == [] if phase == "between" else len(running) == 1)
+    if phase == "eval":
+        assert (results / "killed" / "models" / f"trial_{running[0]}.gguf").exists()
 
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(driver + ["0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-
-    after = _study(results, "resume")
-    finished_after = {t.number: (t.user_attrs["plan"], t.value) for t in after.get_trials(states=(TrialState.COMPLETE,))}
-    assert finished_before.items() <= finished_after.items()  # nothing finished was lost or changed
-    killed = after.trials[running[0]]
-    assert killed.state == TrialState.FAIL and "died" in killed.system_attrs["fail_reason"]
-    retries = [t for t in after.trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == killed.params
-    assert len(_merged_trials(after)) == 3
+    after = _study(results, "killed")
+    assert _finished(before).items() <= _finished(after).items()  # nothing finished was lost or changed
     assert after.user_attrs["base"] == before.user_attrs["base"]  # the base was not scored again
-    evaluated = [t.user_attrs["plan"] for t in _merged_trials(after) if "cache_hit_of" not in t.user_attrs]
-    assert len(evaluated) == len(set(evaluated))
+    for number in running:  # the killed trial: failed with its reason, retried once with its parameters
+        killed = after.trials[number]
+        assert killed.state == TrialState.FAIL and "died" in killed.system_attrs["fail_reason"]
+        retries = [t for t in after.trials if t.system_attrs.get("failed_trial") == number]
+        assert len(retries) == 1 and retries[0].params == killed.params and retries[0].state.is_finished()
+    done = [t for t in after.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 3
+    evaluated = [t.user_attrs["plan"] for t in done if "cache_hit_of" not in t.user_attrs]
+    assert len(evaluated) == len(set(evaluated))  # no plan evaluated twice
 
-    board = pd.read_csv(results / "resume" / "leaderboard.csv")
+    board = pd.read_csv(results / "killed" / "leaderboard.csv")
     assert set(board["trial"]) == {"base"} | {str(t.number) for t in after.trials if t.state.is_finished()}
-    base_row = board.iloc[0]
-    assert base_row["state"] == "BASE" and base_row["plan"] == "0-30" and base_row["ppl_vs_base"] == 1.0
+    assert board.iloc[0]["state"] == "BASE" and board.iloc[0]["plan"] == "0-30" and board.iloc[0]["ppl_vs_base"] == 1.0
     ranked = board[board["state"] == "COMPLETE"]
     assert list(ranked["rank"]) == list(range(1, len(ranked) + 1)) and list(ranked["ppl"]) == sorted(ranked["ppl"])
-    assert json.loads((results / "resume" / "trials" / f"{killed.number}.json").read_text())["state"] == "FAIL"
+    for number in running:
+        assert json.loads((results / "killed" / "trials" / f"{number}.json").read_text())["state"] == "FAIL"
 
 
 @pytest.mark.slow
-def test_failed_merges_and_nan_scores_are_recorded_and_the_sweep_goes_on(tmp_path, wikitext_file, monkeypatch):
-    import sweep.runner as runner
+def test_injected_failures_are_recorded_with_their_reasons_and_the_sweep_goes_on(tmp_path, wikitext_file):
+    from faults import FaultyWork
 
-    config = load_config(compose(fast_overrides("faults", wikitext_file, 4, tmp_path) + ["sweep.keep_top_k=1"]))
-    calls = {"merge": 0}
-    real_merge = runner.merge_gguf
+    overrides = ["sweep.keep_top_k=1", "trial.timeout=30", "trial.max_memory=4GB"]
+    config = load_config(compose(fast_overrides("faults", wikitext_file, 6, tmp_path) + overrides))
+    study = Sweep(config, work_type=FaultyWork).run()
 
-    def flaky_merge(base, plan, out):
-        calls["merge"] += 1
-        if calls["merge"] == 1:
-            raise RuntimeError("injected merge failure")
-        return real_merge(base, plan, out)
-
-    import sweep.scoring as scoring
-
-    real_call = scoring.PerplexityEval.__call__
-
-    def nan_once(self, path, progress=False):
-        result = real_call(self, path, progress)
-        if path.name == "trial_2.gguf":
-            return PerplexityResult(float("nan"), result.n_windows, result.n_ctx, result.n_tokens_scored, result.n_tokens_evaluated, result.seconds)
-        return result
-
-    monkeypatch.setattr(runner, "merge_gguf", flaky_merge)
-    monkeypatch.setattr(scoring.PerplexityEval, "__call__", nan_once)
-    study = Sweep(config).run()
-
-    failed = _merged_trials(study, TrialState.FAIL)
-    assert {t.user_attrs["error"] for t in failed} == {"RuntimeError: injected merge failure", "ValueError: perplexity is nan"}
-    assert len(_merged_trials(study)) == 2  # the other two trials ran to the end
+    errors = {t.number: t.user_attrs.get("error") for t in study.trials}
+    assert errors[0] == "RuntimeError: injected merge failure"
+    assert errors[1] == "timed out after 30 s (trial.timeout)"
+    assert errors[2].startswith("child process died: SIGKILL")
+    assert errors[3] == "ValueError: perplexity is nan"
+    assert errors[4].startswith("out of memory (cap 4.0 GiB")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 5 + [TrialState.COMPLETE]
     board = pd.read_csv(tmp_path / "faults" / "leaderboard.csv")
-    assert set(board.loc[board["state"] == "FAIL", "error"]) == {t.user_attrs["error"] for t in failed}
+    assert dict(zip(board.loc[board["state"] == "FAIL", "trial"].astype(int), board.loc[board["state"] == "FAIL", "error"])) == {
+        n: e for n, e in errors.items() if n < 5
+    }
     kept = sorted(p.name for p in (tmp_path / "faults" / "models").iterdir())
-    best = min(_merged_trials(study), key=lambda t: t.values[0])
-    assert kept == [f"trial_{best.number}.gguf"]  # keep_top_k=1: only the best merged file is left
+    assert kept == ["trial_5.gguf"]  # failed trials leave no file; keep_top_k=1 keeps the one merge
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_running_trial_is_saved(tmp_path, wikitext_file):
+    results, marks = tmp_path / "results", tmp_path / "marks"
+    driver = [sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(results), str(wikitext_file), "6", str(marks), "2"]
+    proc = subprocess.Popen(driver, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (marks / "eval-1").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # during trial 1's evaluation
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "stops once the running trial is saved" in stderr
+    study = _study(results, "killed")
+    assert [t.number for t in study.trials] == [0, 1]  # trial 1 finished and saved; no trial 2 started
+    assert all(t.state.is_finished() and t.state != TrialState.FAIL for t in study.trials)
+    assert (results / "killed" / "trials" / "1.json").exists()
+
+
+@pytest.mark.slow
+def test_disk_budget_is_never_exceeded(tmp_path, wikitext_file, base_gguf):
+    budget = int(2.6 * base_gguf.stat().st_size)  # room for two merged files, whatever their depth
+    overrides = [f"sweep.disk_budget={budget}", "sweep.keep_top_k=5", "trial.isolate=false"]
+    config = load_config(compose(fast_overrides("disk", wikitext_file, 5, tmp_path) + overrides))
+    models = tmp_path / "disk" / "models"
+    peak = []
+
+    class Watched(TrialWork):
+        def merge(self, plan, out):
+            super().merge(plan, out)
+            peak.append(sum(p.stat().st_size for p in models.glob("*.gguf*")))
+
+    Sweep(config, work_type=Watched).run()
+    assert len(peak) >= 3 and max(peak) <= budget
+    assert len(list(models.glob("*.gguf"))) <= 2  # keep_top_k=5, but only two fit the budget
+    small = load_config(compose(fast_overrides("disk2", wikitext_file, 1, tmp_path) + ["sweep.disk_budget=50MB"]))
+    with pytest.raises(Exception, match=r"sweep.disk_budget=50MB is smaller than one merged file"):
+        Sweep(small).run()

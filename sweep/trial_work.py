@@ -1,0 +1,43 @@
+"""What one trial does, in whichever process runs it: merge the plan, then score the merged file.
+
+A plain picklable object, so the sweep can hand it to a child process (sweep/isolation.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from merge_core.gguf_merge import merge_gguf
+from merge_core.layer_plan import LayerPlan
+from sweep.scoring import TrialScorer
+
+
+def merge_record(plan: LayerPlan, merge_seconds: float, file_bytes: int) -> dict:
+    return {
+        "plan": str(plan),
+        "n_layers": plan.n_layers,
+        "merge_seconds": round(merge_seconds, 3),
+        "file_mb": round(file_bytes / 2**20, 1),
+        "worker": socket.gethostname(),
+    }
+
+
+@dataclass
+class TrialWork:
+    base_path: Path
+    scorer: TrialScorer
+    base: Optional[dict] = None  # the base model's record, for ratios; set once it is scored
+
+    def merge(self, plan: LayerPlan, out: Path) -> None:
+        merge_gguf(self.base_path, plan, out)
+
+    def __call__(self, plan: LayerPlan, out: Path, stop_early: Callable[[float], bool]) -> dict:
+        start = time.perf_counter()
+        self.merge(plan, out)
+        record = merge_record(plan, time.perf_counter() - start, out.stat().st_size)
+        record.update(self.scorer(out, self.base, stop_early=stop_early))
+        return record

@@ -1,0 +1,75 @@
+"""Trial work that fails on purpose, by trial number, for the sweep's robustness tests.
+
+It runs in the sweep's child processes (pickled there), so it lives in an importable module, not
+in a test function. ``PhaseMarks`` also leaves a file at each phase of a trial and waits there,
+so a test can SIGKILL the sweep at a known point.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evals.perplexity import PerplexityResult
+from sweep.trial_work import TrialWork
+
+
+def trial_number(out: Path) -> int:
+    return int(out.stem.split("_")[1])  # models/trial_<n>.gguf
+
+
+class NaNPerplexity:
+    """A perplexity eval whose every score is NaN (as a broken model's logits give)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def staged(self, model_path, early_windows, stop, progress=False):
+        early, full = self.real.staged(model_path, early_windows, lambda ppl: False, progress)
+        nan = PerplexityResult(float("nan"), float("nan"), full.n_windows, full.n_ctx, full.n_tokens_scored, full.n_tokens_evaluated, full.seconds)
+        return early, nan
+
+
+class FaultyWork(TrialWork):
+    """Trial 0: the merge raises. 1: hangs. 2: the child is killed. 3: NaN perplexity.
+    4: allocates past the memory cap. Later trials run normally."""
+
+    def merge(self, plan, out):
+        if trial_number(out) == 0:
+            raise RuntimeError("injected merge failure")
+        super().merge(plan, out)
+
+    def __call__(self, plan, out, stop_early):
+        n = trial_number(out)
+        if n == 1:
+            time.sleep(3600)
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if n == 3:
+            self.scorer.ppl = NaNPerplexity(self.scorer.ppl)
+        if n == 4:
+            hog = bytearray(64 * 2**30)  # far beyond trial.max_memory
+            hog[-1] = 1
+        return super().__call__(plan, out, stop_early)
+
+
+@dataclass
+class PhaseMarks(TrialWork):
+    """Writes <marks>/<phase>-<trial> at the start of the merge and of the evaluation, then
+    sleeps ``pause`` seconds, so a test sees where the trial is and can kill it there."""
+
+    marks: Path | None = None
+    pause: float = 0.0
+
+    def _mark(self, phase: str, out: Path) -> None:
+        if self.marks is not None:
+            (self.marks / f"{phase}-{trial_number(out)}").touch()
+            time.sleep(self.pause)
+
+    def merge(self, plan, out):
+        self._mark("merge", out)
+        super().merge(plan, out)
+        self._mark("eval", out)

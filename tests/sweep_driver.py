@@ -1,0 +1,44 @@
+"""Run a sweep whose trials pause at marked points, for the SIGKILL tests (run as a script).
+
+    python tests/sweep_driver.py RESULTS TEXT N_TRIALS MARKS PAUSE
+
+Marks: merge-<n> and eval-<n> from the trial's child (tests/faults.py: PhaseMarks), and
+between-<k> from the sweep itself once a trial's records and leaderboard are written.
+"""
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sweep.runner as runner  # noqa: E402
+from faults import PhaseMarks  # noqa: E402
+from sweep.config import compose, load_config  # noqa: E402
+
+from conftest import fast_overrides  # noqa: E402
+
+
+def main() -> None:
+    results, text, n_trials, marks, pause = sys.argv[1:6]
+    marks, pause = Path(marks), float(pause)
+    marks.mkdir(parents=True, exist_ok=True)
+    write_leaderboard = runner.write_leaderboard
+    written = []
+
+    def marked_leaderboard(study, directory):
+        frame = write_leaderboard(study, directory)
+        written.append(1)
+        if len(written) > 1:  # the first is written before any trial
+            (marks / f"between-{len(written) - 1}").touch()
+            time.sleep(pause)
+        return frame
+
+    runner.write_leaderboard = marked_leaderboard
+    config = load_config(compose(fast_overrides("killed", Path(text), int(n_trials), Path(results))))
+    runner.Sweep(config, work_type=functools.partial(PhaseMarks, marks=marks, pause=pause)).run()
+
+
+if __name__ == "__main__":
+    main()
