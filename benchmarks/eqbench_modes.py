@@ -138,11 +138,12 @@ def plot_rank(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "lenient_score", "generation, lenient parse"), (axes[1], "score", "generation, official parse")):
-        xs = [r["logits"]["score"] for r in rows]
-        ys = [r["generate"][key] for r in rows]
+    for ax, key, label in ((axes[0], "lenient_score", "generation, lenient parse (plans with parses)"), (axes[1], "score", "generation, official parse")):
+        shown = [r for r in rows if key == "score" or r["generate"]["lenient_parse_rate"] > 0]  # nothing parsed: no score
+        xs = [r["logits"]["score"] for r in shown]
+        ys = [r["generate"][key] for r in shown]
         ax.scatter(xs, ys)
-        for x, y, r in zip(xs, ys, rows):
+        for x, y, r in zip(xs, ys, shown):
             ax.annotate(r["plan"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("logits mode score (expected value)")
         ax.set_ylabel(f"{label} score")

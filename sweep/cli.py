@@ -70,9 +70,11 @@ def cmd_sweep(overrides: list[str]) -> None:
 def print_leaderboard(frame, top: int = 10) -> None:
     import pandas as pd
 
-    columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eval_seconds", "state"]
+    columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "eval_seconds", "state", "pareto"]
+    columns = [c for c in columns if c in ("rank", "trial", "plan", "state") or frame[c].notna().any()]
+    distinct = frame[frame["cache_hit_of"].isna()]  # a plan proposed again shows once, under its first trial
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
-        print(frame[columns + ["pareto"]].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
+        print(distinct[columns].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
 
 
 def _open_results(directory: str, storage: str | None):

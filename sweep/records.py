@@ -95,7 +95,10 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
             row["pareto"] = flag
     frame = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS[1:] + ["pareto"])
     frame = frame.sort_values([names[0], "trial"], ascending=[directions[0] == "minimize", True], kind="stable").reset_index(drop=True)
-    frame.insert(0, "rank", pd.Series(range(1, len(frame) + 1), dtype="Int64"))
+    # rank distinct plans: a cache hit (the same plan proposed again) shares its first trial's rank
+    first = frame["cache_hit_of"].isna()
+    rank_of = dict(zip(frame.loc[first, "trial"], range(1, int(first.sum()) + 1)))
+    frame.insert(0, "rank", pd.Series([rank_of.get(t if f else c) for t, f, c in zip(frame["trial"], first, frame["cache_hit_of"])], dtype="Int64"))
     tail = pd.DataFrame([_row(t, t.user_attrs, t.state.name, directory) for t in others], columns=LEADERBOARD_COLUMNS[1:])
     head = pd.DataFrame([_row(None, study.user_attrs["base"], "BASE", None)]) if "base" in study.user_attrs else None
     parts = [p for p in (head, frame, tail) if p is not None and not p.empty]

@@ -65,7 +65,8 @@ def plot_progress(study: optuna.Study, name: str, direction: str, path: Path) ->
     base = base_record.get(name)
     if base is not None:
         ax.axhline(base, color="gray", ls="--", label="base model")
-    if name == "ppl" and done and max(t.user_attrs[name] for t in done) > 5 * min(t.user_attrs[name] for t in done):
+    shown = [y for collection in ax.collections for y in collection.get_offsets()[:, 1]]
+    if name == "ppl" and shown and max(shown) > 5 * min(shown):  # gibberish plans are 100x: keep the good ones readable
         ax.set_yscale("log")
     ax.set_xlabel("trial" + (f"  (red lines: {len(failed)} failed)" if failed else ""))
     ax.set_ylabel(name)
@@ -164,7 +165,8 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     summary = ", ".join(f"{n} {s.lower()}" for s, n in states.items())
     scoring = study.user_attrs.get("scoring", {})
-    table = frame.drop(columns=["model_file"]).head(25).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
+    distinct = frame[frame["cache_hit_of"].isna()].drop(columns=["model_file", "cache_hit_of"]).dropna(axis=1, how="all")
+    table = distinct.head(25).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
     images = "\n".join(f'<h2>{key.replace("_", " ")}</h2>\n<img src="{p.name}" alt="{key}">' for key, p in plots.items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>selfmerge: {html.escape(directory.name)}</title>
@@ -173,7 +175,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}} img{{max-width:100%}}</style></he
 <h1>Sweep {html.escape(directory.name)}</h1>
 <p>{len(study.trials)} trials: {html.escape(summary)}. Objectives: {html.escape(", ".join(f"{n} ({d})" for n, d in zip(names, directions)))}.</p>
 <p>Base model: <code>{html.escape(str(scoring.get("model", "?")))}</code>; scoring: <code>{html.escape(str(scoring.get("eval", {})))}</code></p>
-<h2>leaderboard (top 25)</h2>
+<h2>leaderboard (top 25 distinct plans)</h2>
 {table}
 {images}
 </body></html>

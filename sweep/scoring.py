@@ -13,7 +13,7 @@ from pathlib import Path
 
 from evals.eqbench_eval import EQBenchEval
 from evals.ppl_eval import PerplexityEval
-from sweep.config import EvalConfig, SweepConfig
+from sweep.config import EQBenchConfig, EvalConfig, PerplexityConfig, SweepConfig
 
 
 def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
@@ -26,8 +26,6 @@ def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
 
 def eval_config_from_fingerprint(fingerprint: dict, threads: int | None = None) -> EvalConfig:
     """The EvalConfig a sweep scored with, from its stored fingerprint (to re-score the same way)."""
-    from sweep.config import EQBenchConfig, PerplexityConfig
-
     stored = fingerprint["eval"]
     return EvalConfig(
         ppl=PerplexityConfig(**stored["ppl"], threads=threads) if "ppl" in stored else None,

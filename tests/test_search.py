@@ -51,6 +51,10 @@ def test_identical_plans_are_scored_once(tmp_path, wikitext_file, monkeypatch):
         first = study.trials[hit.user_attrs["cache_hit_of"]]
         assert hit.values == first.values and hit.user_attrs["plan"] == first.user_attrs["plan"]
         assert hit.user_attrs["eval_seconds"] == 0.0
+    board = pd.read_csv(tmp_path / "dedup" / "leaderboard.csv").set_index("trial")
+    for hit in hits:  # a plan proposed again shares its first trial's rank
+        assert board.loc[str(hit.number), "rank"] == board.loc[str(hit.user_attrs["cache_hit_of"]), "rank"]
+    assert sorted(board.loc[board["cache_hit_of"].isna() & (board["state"] == "COMPLETE"), "rank"]) == list(range(1, len(plans) + 1))
 
 
 @pytest.mark.slow
