@@ -45,6 +45,7 @@ class LlamaCppModel:
         self.n_vocab = self.llm.n_vocab()
         self._batch = None
         self._cached: list[int] = []  # tokens in the KV cache, for next_token_logprobs
+        self._formatter = None  # the chat template, compiled on first use
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -73,13 +74,14 @@ class LlamaCppModel:
 
     def chat_prompt_tokens(self, messages: list[dict]) -> list[int]:
         """The tokens create_chat_completion would feed for these messages (assistant turn opened)."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        def text(token: int) -> str:
-            return self.llm._model.token_get_text(token) if token != -1 else ""
+            def text(token: int) -> str:
+                return self.llm._model.token_get_text(token) if token != -1 else ""
 
-        formatter = Jinja2ChatFormatter(self._chat_template(), eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos()))
-        rendered = formatter(messages=messages)
+            self._formatter = Jinja2ChatFormatter(self._chat_template(), eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos()))
+        rendered = self._formatter(messages=messages)
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def next_token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:

@@ -70,9 +70,11 @@ def cmd_sweep(overrides: list[str]) -> None:
 def print_leaderboard(frame, top: int = 10) -> None:
     import pandas as pd
 
+    from sweep.records import distinct_plans
+
     columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "eval_seconds", "state", "pareto"]
     columns = [c for c in columns if c in ("rank", "trial", "plan", "state") or frame[c].notna().any()]
-    distinct = frame[frame["cache_hit_of"].isna()]  # a plan proposed again shows once, under its first trial
+    distinct = distinct_plans(frame)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
         print(distinct[columns].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
 

@@ -3,6 +3,7 @@ so a wrong type or an unknown key is caught once, with the key's name, before an
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -189,7 +190,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals
 
-    @property
+    @functools.cached_property  # parsed once: the runner ranks trials by it after each one
     def objectives(self) -> list[tuple[str, str]]:
         """(name, Optuna direction) of each objective; by default one per configured eval."""
         wanted = self.sweep.objectives if self.sweep.objectives is not None else self.eval.kinds

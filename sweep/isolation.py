@@ -10,6 +10,7 @@ itself: the sweep runs Optuna's heartbeat thread, and forking a threaded process
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import resource
 import signal
@@ -24,6 +25,7 @@ class TrialCrashed(Exception):
     """The child failed: an exception in it, a timeout, or its death."""
 
 
+@functools.cache
 def _context():
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:

@@ -20,11 +20,13 @@ def beyond(early_ppl: float, base_early_ppl: float, max_ratio: float) -> bool:
 
 
 class BaseRatioPruner(optuna.pruners.BasePruner):
+    """``base_early_ppl`` is set by the sweep once the base model is scored (or read back on resume)."""
+
     def __init__(self, max_ratio: float) -> None:
         self.max_ratio = max_ratio
+        self.base_early_ppl: float | None = None
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        base = study.user_attrs.get("base", {}).get("ppl_early")
-        if base is None or EARLY_STEP not in trial.intermediate_values:
+        if self.base_early_ppl is None or EARLY_STEP not in trial.intermediate_values:
             return False
-        return beyond(trial.intermediate_values[EARLY_STEP], base, self.max_ratio)
+        return beyond(trial.intermediate_values[EARLY_STEP], self.base_early_ppl, self.max_ratio)

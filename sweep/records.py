@@ -107,6 +107,11 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
     return pd.concat(parts, ignore_index=True).reindex(columns=LEADERBOARD_COLUMNS + ["pareto"])
 
 
+def distinct_plans(frame: pd.DataFrame) -> pd.DataFrame:
+    """Leaderboard rows without cache hits: each plan once, under the trial that scored it."""
+    return frame[frame["cache_hit_of"].isna()]
+
+
 def write_leaderboard(study: optuna.Study, directory: Path) -> pd.DataFrame:
     frame = leaderboard_frame(study, directory)
     directory.mkdir(parents=True, exist_ok=True)

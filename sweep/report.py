@@ -19,7 +19,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from merge_core.layer_plan import LayerPlan
-from sweep.records import leaderboard_frame
+from sweep.records import distinct_plans, leaderboard_frame
 
 log = logging.getLogger("selfmerge")
 
@@ -129,7 +129,7 @@ def plot_importance(study: optuna.Study, path: Path) -> Path | None:
 
 
 def plot_layer_maps(frame: pd.DataFrame, name: str, n_base: int, path: Path, top: int = 10) -> Path | None:
-    merged = frame[(frame["state"] == "COMPLETE") & frame["cache_hit_of"].isna()].head(top)
+    merged = distinct_plans(frame[frame["state"] == "COMPLETE"]).head(top)
     if merged.empty:
         return None
     rows = [("base", LayerPlan.identity(n_base), frame[frame["state"] == "BASE"][name].iloc[0] if (frame["state"] == "BASE").any() else None)]
@@ -165,7 +165,7 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     summary = ", ".join(f"{n} {s.lower()}" for s, n in states.items())
     scoring = study.user_attrs.get("scoring", {})
-    distinct = frame[frame["cache_hit_of"].isna()].drop(columns=["model_file", "cache_hit_of"]).dropna(axis=1, how="all")
+    distinct = distinct_plans(frame).drop(columns=["model_file", "cache_hit_of"]).dropna(axis=1, how="all")
     table = distinct.head(25).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
     images = "\n".join(f'<h2>{key.replace("_", " ")}</h2>\n<img src="{p.name}" alt="{key}">' for key, p in plots.items())
     page = f"""<!doctype html>

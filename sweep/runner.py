@@ -61,6 +61,9 @@ class Sweep:
         self.config = config
         self.work_type = work_type
         self._stopping = False
+        self.base: dict = {}  # the base model's record, once scored
+        ratio = config.prune.max_ppl_ratio
+        self.pruner = BaseRatioPruner(ratio) if ratio else None
         self.directory = config.sweep.directory
         self.base_path = resolve_model_path(config.model.path)
         self.header = read_gguf_header(self.base_path)
@@ -71,8 +74,7 @@ class Sweep:
 
     # -- study set-up -----------------------------------------------------------------------
     def _open(self) -> optuna.Study:
-        ratio = self.config.prune.max_ppl_ratio
-        study = open_study(self.config, self.sampler, BaseRatioPruner(ratio) if ratio else None)
+        study = open_study(self.config, self.sampler, self.pruner)
         fingerprint = scoring_fingerprint(self.config, self.base_path)
         stored = study.user_attrs.get("scoring")
         if stored is None:
@@ -123,7 +125,7 @@ class Sweep:
         return [float(record[name]) for name in self.config.objective_names]
 
     def _should_prune(self, trial: optuna.Trial, early_ppl: float) -> bool:
-        base_early = trial.study.user_attrs["base"].get("ppl_early")
+        base_early = self.base.get("ppl_early")
         if not self.config.prune.max_ppl_ratio or base_early is None:
             return False
         trial.set_user_attr("ppl_early", early_ppl)
@@ -133,15 +135,14 @@ class Sweep:
         return beyond(early_ppl, base_early, self.config.prune.max_ppl_ratio)
 
     def _pruned(self, trial: optuna.Trial, early_ppl: float) -> optuna.TrialPruned:
-        ratio = trial.study.user_attrs["base"]["ppl_early"] * self.config.prune.max_ppl_ratio
+        ratio = self.base["ppl_early"] * self.config.prune.max_ppl_ratio
         return optuna.TrialPruned(f"early ppl {early_ppl:.4g} > {ratio:.4g} ({self.config.prune.max_ppl_ratio} x the base's)")
 
     def _run_work(self, trial: optuna.Trial, work: TrialWork, plan: LayerPlan, path) -> dict:
         limits = self.config.trial
         if not limits.isolate:
             return work(plan, path, lambda early: self._should_prune(trial, early))
-        base = trial.study.user_attrs["base"]
-        timeout = limits.timeout_seconds(base.get("eval_seconds", 0) + base.get("eqbench_seconds", 0))
+        timeout = limits.timeout_seconds(self.base.get("eval_seconds", 0) + self.base.get("eqbench_seconds", 0))
         record, peak_mb = run_isolated(work, (plan, path), lambda early: self._should_prune(trial, early), timeout, limits.max_memory_bytes)
         return {**record, "peak_rss_mb": round(peak_mb)}
 
@@ -164,7 +165,7 @@ class Sweep:
                 return earlier.values
             path = model_file(self.directory, trial.number)
             try:
-                self._make_room(plan)
+                self._make_room(plan, trial.study)
                 record = self._run_work(trial, work, plan, path)
             except Exception as err:
                 path.unlink(missing_ok=True)
@@ -205,7 +206,7 @@ class Sweep:
             if path not in keep:
                 path.unlink(missing_ok=True)
 
-    def _make_room(self, plan: LayerPlan) -> None:
+    def _make_room(self, plan: LayerPlan, study: optuna.Study) -> None:
         """Under sweep.disk_budget, delete kept files, worst first, until the next merge fits."""
         budget = self.config.sweep.disk_budget_bytes
         if budget is None:
@@ -213,7 +214,7 @@ class Sweep:
         needed = merged_size_bound(self.header, plan)
         if needed > budget:
             raise SelfMergeError(f"plan {plan} makes a {needed / 2**20:.0f} MiB file, more than sweep.disk_budget={self.config.sweep.disk_budget}")
-        files = [p for p in reversed(self._ranked_files(self.study.get_trials(deepcopy=False))) if p.exists()]
+        files = [p for p in reversed(self._ranked_files(study.get_trials(deepcopy=False))) if p.exists()]
         files += [p for p in models_dir(self.directory).glob("trial_*.gguf") if p not in files]  # strays first
         used = sum(p.stat().st_size for p in models_dir(self.directory).glob("*.gguf*"))
         while used + needed > budget and files:
@@ -246,15 +247,16 @@ class Sweep:
             prune = self.config.prune
             early_windows = prune.early_windows if prune.max_ppl_ratio and self.config.eval.ppl else 0
             score = TrialScorer(self.config.eval, self.base_path, early_windows)
-            base = self._base(study, score)
+            self.base = self._base(study, score)
+            if self.pruner is not None:
+                self.pruner.base_early_ppl = self.base.get("ppl_early")
             self._enqueue(study)
             write_leaderboard(study, self.directory)
             done = self._n_done(study.get_trials(deepcopy=False))
             if done >= run.n_trials:
                 log.info("sweep %s already has %d trials: nothing to do", run.name, done)
                 return study
-            self.study = study
-            self._optimize(study, base, self.work_type(self.base_path, score, base), done)
+            self._optimize(study, self.work_type(self.base_path, score, self.base), done)
             return study
         finally:
             lock.close()
@@ -265,7 +267,7 @@ class Sweep:
         self._stopping = True
         log.warning("Ctrl-C: the sweep stops once the running trial is saved (Ctrl-C again to abort it)")
 
-    def _optimize(self, study: optuna.Study, base: dict, work: TrialWork, done: int) -> None:
+    def _optimize(self, study: optuna.Study, work: TrialWork, done: int) -> None:
         run = self.config.sweep
         timeout = run.timeout_seconds
         started = time.monotonic()
@@ -283,7 +285,7 @@ class Sweep:
             pruned = sum(t.state == TrialState.PRUNED for t in trials)
             first = self.config.objective_names[0]
             best = min(scored, key=self._rank_key).user_attrs[first] if scored else None
-            postfix = {f"best_{first}": f"{best:.3f}" if best is not None else "-", "base": f"{base.get(first, float('nan')):.3f}", "pruned": pruned, "failed": failed}
+            postfix = {f"best_{first}": f"{best:.3f}" if best is not None else "-", "base": f"{self.base.get(first, float('nan')):.3f}", "pruned": pruned, "failed": failed}
             if timeout:
                 postfix["time_left"] = f"{max(0.0, timeout - (time.monotonic() - started)) / 60:.0f}m"
             bar.set_postfix(postfix)
