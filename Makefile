@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/search_efficiency.py replay
 	$(BIN)/python benchmarks/eqbench_modes.py base
 	$(BIN)/python benchmarks/eqbench_modes.py rank
+	$(BIN)/python benchmarks/torch_backend.py cpu
 
 clean:
 	rm -rf $(VENV) results/*/

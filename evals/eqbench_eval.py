@@ -14,7 +14,7 @@ implements the same ones), through the model's own chat template.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -119,20 +119,21 @@ class EQBenchEval:
     """Items loaded once (a fixed subset when n_items is set); each call scores one model file."""
 
     def __init__(self, questions: str = "offline", n_items: int = 0, seed: int = 0, mode: str = "generate", max_tokens: int = 512,
-                 logits_score: str = "expected", n_ctx: int = 2048, threads=None) -> None:  # fmt: skip
+                 logits_score: str = "expected", n_ctx: int = 2048, threads=None, open_model: Callable = LlamaCppModel) -> None:  # fmt: skip
         check_options(mode, logits_score, max_tokens, n_items)
         self.items = subset(load_items(questions), n_items, seed)
         if not self.items:
             raise SelfMergeError(f"eval.eqbench.questions={questions!r} holds no items")
         self.mode, self.max_tokens, self.logits_score, self.n_ctx, self.threads = mode, max_tokens, logits_score, n_ctx, threads
+        self.open_model = open_model  # model -> ChatModel context; LlamaCppModel opens GGUF paths
 
     @classmethod
-    def from_config(cls, config) -> EQBenchEval:
-        return cls(config.questions, config.n_items, config.seed, config.mode, config.max_tokens, config.logits_score, config.n_ctx, config.threads)
+    def from_config(cls, config, open_model: Callable = LlamaCppModel) -> EQBenchEval:
+        return cls(config.questions, config.n_items, config.seed, config.mode, config.max_tokens, config.logits_score, config.n_ctx, config.threads, open_model)
 
     def check_fits(self, tokenizer_model: str | Path) -> None:
         """Fail before the sweep starts if the longest prompt plus the reply does not fit n_ctx."""
-        with LlamaCppModel(tokenizer_model, n_ctx=self.n_ctx, threads=self.threads) as model:
+        with self.open_model(tokenizer_model, n_ctx=self.n_ctx, threads=self.threads) as model:
             longest = max((len(model.chat_prompt_tokens(_messages(item))), item.id) for item in self.items)
         reply = self.max_tokens if self.mode == "generate" else 16
         if longest[0] + reply > self.n_ctx:
@@ -141,7 +142,7 @@ class EQBenchEval:
             )
 
     def __call__(self, model_path: str | Path, progress: bool = False) -> EQBenchResult:
-        with LlamaCppModel(model_path, n_ctx=self.n_ctx, threads=self.threads) as model:
+        with self.open_model(model_path, n_ctx=self.n_ctx, threads=self.threads) as model:
             if self.mode == "logits":
                 return answer_by_logits(model, self.items, self.logits_score, progress)
             return answer_by_generation(model, self.items, self.max_tokens, progress)

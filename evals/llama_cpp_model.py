@@ -18,6 +18,15 @@ from evals.perplexity import log_softmax_nll
 from merge_core.errors import SelfMergeError
 
 
+def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading tokens a KV cache holding ``cached`` can keep for ``tokens`` (at least the
+    last token is always fed again: its logits are the ones wanted)."""
+    keep = 0
+    while keep < min(len(cached), len(tokens) - 1) and cached[keep] == tokens[keep]:
+        keep += 1
+    return keep
+
+
 class LlamaCppModel:
     def __init__(self, path: str | Path, n_ctx: int = 512, threads: Optional[int] = None, batch: int = 512) -> None:
         import llama_cpp
@@ -91,9 +100,7 @@ class LlamaCppModel:
             raise ValueError("next_token_logprobs needs at least one token")
         if len(tokens) > self.n_ctx:
             raise SelfMergeError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
-        keep = 0
-        while keep < min(len(self._cached), len(tokens) - 1) and self._cached[keep] == tokens[keep]:
-            keep += 1
+        keep = reusable_prefix(self._cached, tokens)
         lib, ctx = self._lib, self.llm.ctx
         self.llm.reset()  # llama-cpp-python's own prefix cache must not trust what we decode here
         lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)

@@ -20,7 +20,8 @@ from merge_core.errors import SelfMergeError
 
 
 class WindowScorer(Protocol):
-    """A backend: negative log-likelihoods of ``window[first + 1:]``, each predicted from its prefix."""
+    """A backend: negative log-likelihoods of ``window[first + 1:]``, each predicted from its prefix.
+    One with ``batch_windows`` > 1 also has ``windows_nll`` (several windows in one pass)."""
 
     def window_nll(self, window: Sequence[int], first: int) -> np.ndarray: ...
 
@@ -84,11 +85,15 @@ def perplexity(scorer: WindowScorer, windows: list[list[int]], progress: bool = 
     n_ctx = len(windows[0])
     first = n_ctx // 2
     total_nll, n_scored = 0.0, 0
+    batch = getattr(scorer, "batch_windows", 1)
     start = time.perf_counter()
-    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress, leave=False):
-        nll = scorer.window_nll(window, first)
-        total_nll += float(nll.sum())
-        n_scored += len(nll)
+    with tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress, leave=False) as bar:
+        for i in range(0, len(windows), batch):
+            group = windows[i : i + batch]
+            for nll in scorer.windows_nll(group, first) if batch > 1 else [scorer.window_nll(group[0], first)]:
+                total_nll += float(nll.sum())
+                n_scored += len(nll)
+            bar.update(len(group))
     seconds = time.perf_counter() - start
     mean = total_nll / n_scored
     return PerplexityResult(_ppl(mean), mean, len(windows), n_ctx, n_scored, len(windows) * n_ctx, seconds)

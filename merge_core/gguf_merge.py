@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from merge_core.byte_copy import copy_range, write_all
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import (
     ARRAY,
@@ -29,7 +30,6 @@ from merge_core.gguf_file import (
 from merge_core.layer_plan import LayerPlan
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-_COPY_CHUNK = 64 << 20
 
 
 def _gguf_string(text: str) -> bytes:
@@ -124,10 +124,10 @@ def merge_gguf(base_path: str | Path, plan: LayerPlan, out_path: str | Path) -> 
     tmp_path = out_path.with_name(out_path.name + ".partial")
     with open(header.path, "rb") as src, open(tmp_path, "wb") as dst:
         src_fd, dst_fd = src.fileno(), dst.fileno()
-        _write_all(dst_fd, out)
+        write_all(dst_fd, out)
         for src_offset, n_bytes, padding in _copy_runs(order, alignment):
-            _copy_range(src_fd, dst_fd, header.data_start + src_offset, n_bytes)
-            _write_all(dst_fd, b"\0" * padding)
+            copy_range(src_fd, dst_fd, header.data_start + src_offset, n_bytes)
+            write_all(dst_fd, b"\0" * padding)
     os.replace(tmp_path, out_path)
     return out_path
 
@@ -146,26 +146,3 @@ def _copy_runs(order: list[tuple[str, TensorInfo]], alignment: int) -> list[tupl
             runs.append(run)
         run[2] = align_up(source.n_bytes, alignment) - source.n_bytes
     return [tuple(run) for run in runs]
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _copy_range(src_fd: int, dst_fd: int, src_offset: int, n_bytes: int) -> None:
-    """Copy bytes in the kernel where it can (no user-space buffer); fall back to pread/write."""
-    while n_bytes > 0:
-        try:
-            copied = os.copy_file_range(src_fd, dst_fd, min(n_bytes, _COPY_CHUNK), src_offset)
-        except (OSError, AttributeError):
-            copied = 0
-        if copied <= 0:
-            chunk = os.pread(src_fd, min(n_bytes, _COPY_CHUNK), src_offset)
-            if not chunk:
-                raise SelfMergeError("base model ended before its last tensor: the file is truncated")
-            _write_all(dst_fd, chunk)
-            copied = len(chunk)
-        src_offset += copied
-        n_bytes -= copied

@@ -20,12 +20,14 @@ from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
 
 
-def plan_to_mergekit_yaml(plan: LayerPlan, model: str, dtype: str = "bfloat16") -> str:
+def plan_to_mergekit_yaml(plan: LayerPlan, model: str, dtype: str | None = "bfloat16") -> str:
+    """``dtype`` None leaves it out: mergekit then keeps each tensor's own dtype."""
     recipe = {
         "slices": [{"sources": [{"model": model, "layer_range": [start, end]}]} for start, end in plan.slices],
         "merge_method": "passthrough",
-        "dtype": dtype,
     }
+    if dtype:
+        recipe["dtype"] = dtype
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 

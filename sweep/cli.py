@@ -108,20 +108,20 @@ def cmd_reproduce(args) -> None:
     from sweep.reproduce import reproduce
 
     path, study = _open_results(args.results, args.storage)
-    reproduce(study, path, trial_number=None if args.best else args.trial, out_dir=Path(args.out), threads=args.threads)
+    formats = args.format.split(",") if args.format else None
+    reproduce(study, path, trial_number=None if args.best else args.trial, out_dir=Path(args.out), threads=args.threads, formats=formats)
 
 
 # -- plans / merge / eval ---------------------------------------------------------------------
 def cmd_plans(args, overrides: list[str]) -> None:
-    from merge_core.gguf_file import read_gguf_header
-    from merge_core.model_files import resolve_model_path
+    from merge_core.model_files import resolve_model_source
     from merge_core.model_shape import ModelShape
     from sweep.config import compose, load_config
     from sweep.spaces import build_space, sample_plans
 
     _quiet_optuna()
     config = load_config(compose(overrides))
-    shape = ModelShape.from_gguf_header(read_gguf_header(resolve_model_path(config.model.path)))
+    shape = ModelShape.of(resolve_model_source(config.model.path))
     space = build_space(config.space_kind, shape, config.space)
     if args.count:
         count, exact = space.count_plans(limit=args.limit)
@@ -132,22 +132,32 @@ def cmd_plans(args, overrides: list[str]) -> None:
 
 
 def cmd_merge(args) -> None:
+    import shutil
     import time
 
-    from merge_core.gguf_merge import merge_gguf
+    from merge_core.export import default_format, write_plan
     from merge_core.layer_plan import LayerPlan
-    from merge_core.mergekit_recipe import plan_to_mergekit_yaml
-    from merge_core.model_files import resolve_model_path
+    from merge_core.model_files import resolve_model_source
+    from sweep.config import parse_size
 
     plan = LayerPlan.parse(args.plan)
-    base = resolve_model_path(args.model)
+    source = resolve_model_source(args.model)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+    fmt = args.format or default_format(source, out)
+    shard_bytes = parse_size(args.out_shard_size, "--out-shard-size")
+    if out.exists():
+        if not args.force:
+            raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+        if out.is_dir():  # a file is replaced atomically once the new one is complete
+            shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    merge_gguf(base, plan, out)
-    out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, args.hf_id or str(base)))
-    print(f"wrote {out} ({plan.n_layers} layers, {out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s")
+    model_name = args.hf_id or str(source)
+    write_plan(source, plan, out, fmt, model_name, quant=args.quant, shard_bytes=shard_bytes, progress=True)
+    if fmt == "gguf":
+        write_plan(source, plan, out.with_suffix(".mergekit.yml"), "mergekit", model_name)
+    size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({fmt}, {plan.n_layers} layers, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s")
 
 
 def cmd_eval(args) -> None:
@@ -219,12 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results/<sweep> folder")
     p.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
 
-    p = sub.add_parser("reproduce", help="rebuild a trial's merged GGUF and re-score it")
+    p = sub.add_parser("reproduce", help="rebuild a trial's merged model, re-score it, write it as GGUF / safetensors / mergekit YAML")
     p.add_argument("results", help="results/<sweep> folder")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--best", action="store_true")
     which.add_argument("--trial", type=int)
-    p.add_argument("--out", required=True, help="folder for the GGUF and mergekit YAML")
+    p.add_argument("--out", required=True, help="folder for the files written")
+    p.add_argument("--format", help="comma-separated: gguf,safetensors,mergekit (default: what the sweep scored + mergekit)")
     p.add_argument("--storage")
     p.add_argument("--threads", type=int)
 
@@ -235,9 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=1_000_000, help="stop enumerating past this many plans")
 
     p = sub.add_parser("merge", help="merge one plan by hand")
-    p.add_argument("model", help="base GGUF file, or 'bundled'")
+    p.add_argument("model", help="base: a GGUF file, 'bundled', an HF model folder or a hub id")
     p.add_argument("--plan", required=True, help="e.g. 0-16,8-30")
-    p.add_argument("--out", required=True, help="output GGUF file")
+    p.add_argument("--out", required=True, help="output GGUF file, safetensors folder or YAML file")
+    p.add_argument("--format", choices=["gguf", "safetensors", "mergekit"], help="default: from --out's suffix (.gguf, .yml), else the base's own kind")
+    p.add_argument("--quant", help="GGUF from an HF base: llama.cpp type, e.g. Q4_K_M, Q8_0 (default: F16)")
+    p.add_argument("--out-shard-size", default="5GB", help="safetensors: largest shard (default 5GB)")
     p.add_argument("--hf-id", help="model id written into the mergekit YAML")
     p.add_argument("--force", action="store_true", help="overwrite --out")
 

@@ -1,4 +1,5 @@
-"""Rebuild a trial of a sweep from its stored plan, re-score it the same way, compare scores."""
+"""Rebuild a trial of a sweep from its stored plan with the sweep's own backend, re-score it the
+same way, compare scores, and write the formats asked for (GGUF, safetensors folder, mergekit YAML)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from pathlib import Path
 import optuna
 
 from merge_core.errors import SelfMergeError
-from merge_core.gguf_merge import merge_gguf
+from merge_core.export import FORMATS, write_plan
 from merge_core.layer_plan import LayerPlan
-from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
+from sweep.backends import make_backend
+from sweep.config import BackendConfig
 from sweep.records import merged_trials
 from sweep.scoring import TrialScorer, eval_config_from_fingerprint
 
 SCORES = ("ppl", "eqbench", "eqbench_parse_rate")
+SUFFIXES = {"gguf": ".gguf", "safetensors": "", "mergekit": ".mergekit.yml"}
 
 
 def pick_trial(study: optuna.Study, trial_number: int | None):
@@ -33,26 +36,53 @@ def pick_trial(study: optuna.Study, trial_number: int | None):
     raise SelfMergeError(f"trial {trial_number} is not a completed trial of this sweep")
 
 
-def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None) -> dict:
+def _base_source(scoring: dict) -> Path:
+    base = Path(scoring["model"])
+    if not base.exists() and base.name == BUNDLED_FILE:  # a sweep from another machine's site-packages
+        base = bundled_model_path()
+    if not base.exists():
+        raise SelfMergeError(f"the sweep's base model {base} is not on this machine")
+    return base
+
+
+def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None,
+              formats: list[str] | None = None) -> dict:  # fmt: skip
+    """``formats`` default: what the sweep scored (GGUF for llama_cpp, safetensors for torch) and the YAML."""
     trial = pick_trial(study, trial_number)
     scoring = study.user_attrs.get("scoring")
     if not scoring:
         raise SelfMergeError("this study has no scoring record; it was not written by selfmerge sweep")
-    base = Path(scoring["model"])
-    if not base.is_file() and base.name == BUNDLED_FILE:  # a sweep from another machine's site-packages
-        base = bundled_model_path()
-    if not base.is_file():
-        raise SelfMergeError(f"the sweep's base model {base} is not on this machine")
+    source = _base_source(scoring)
+    backend_config = BackendConfig(**scoring.get("backend", {}))
+    formats = formats or (["gguf", "mergekit"] if backend_config.kind == "llama_cpp" else ["safetensors", "mergekit"])
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise SelfMergeError(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
     plan = LayerPlan.parse(trial.user_attrs["plan"])
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{results_dir.name}-trial{trial.number}"
-    model_path = out_dir / f"{stem}.gguf"
-    merge_gguf(base, plan, model_path)
-    hf_id = study.user_attrs.get("model_hf_id", str(base))
-    (out_dir / f"{stem}.mergekit.yml").write_text(plan_to_mergekit_yaml(plan, hf_id))
-    scores = TrialScorer(eval_config_from_fingerprint(scoring, threads), base)(model_path, progress=True)
-    record = {"trial": trial.number, "plan": str(plan), "model": str(model_path)}
-    print(f"trial {trial.number}  plan {plan}  ({plan.n_layers} layers)")
+    hf_id = study.user_attrs.get("model_hf_id", str(source))
+
+    backend = make_backend(str(source), backend_config, results_dir)  # an HF base converts once, into results_dir/base
+    written = []
+    scored_file = out_dir / f"{stem}.gguf"
+    if backend_config.kind == "llama_cpp":  # the very file the sweep scored, rebuilt by the same code
+        scored_file.unlink(missing_ok=True)
+        model = backend.build(plan, scored_file)
+        written.append(scored_file)
+    else:
+        model = backend.build(plan)
+    for fmt in formats:
+        if fmt == "gguf" and backend_config.kind == "llama_cpp":
+            continue
+        target = out_dir / f"{stem}{SUFFIXES[fmt]}"
+        if fmt == "safetensors" and target.exists():
+            raise SelfMergeError(f"{target} already exists: remove it or choose another --out")
+        quant = backend_config.quant if fmt == "gguf" and not source.suffix == ".gguf" else None
+        written.append(write_plan(source, plan, target, fmt, hf_id, quant=quant, convert_type=backend_config.convert_type, progress=True))
+    scores = TrialScorer(eval_config_from_fingerprint(scoring, threads), backend.base, 0, backend.open_model)(model, progress=True)
+    record = {"trial": trial.number, "plan": str(plan), "written": [str(p) for p in written]}
+    print(f"trial {trial.number}  plan {plan}  ({plan.n_layers} layers, {backend_config.kind} backend)")
     for name in SCORES:
         if name in scores:
             stored, again = trial.user_attrs[name], scores[name]
@@ -60,5 +90,5 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
             change = f"  ({(again / stored - 1) * 100:+.3f}%)" if stored else ""
             print(f"{name:18s} stored {stored:.4f}  reproduced {again:.4f}{change}")
     (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {model_path} and its mergekit YAML")
+    print("wrote " + ", ".join(str(p) for p in written))
     return record

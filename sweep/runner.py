@@ -1,7 +1,8 @@
 """Run a sweep: score the base model once, then ask Optuna for plans until a budget ends.
 
-Each trial, in a child process (sweep/isolation.py): plan from the space -> GGUF merge -> early
-perplexity on a few windows (pruned there when hopeless) -> full perplexity -> EQ-Bench; then
+Each trial, in a child process (sweep/isolation.py) for the llama.cpp backend, in this process for
+the torch one: plan from the space -> the backend builds it (a merged GGUF, or an in-memory model)
+-> early perplexity on a few windows (pruned there when hopeless) -> full perplexity -> EQ-Bench; then
 attributes in the study and the leaderboard rewritten. A plan already scored is not merged again
 (cache hit). A trial whose merge or evaluation fails, hangs past trial.timeout or dies is
 recorded as failed with its reason and the sweep goes on. Ctrl-C stops after the running trial.
@@ -23,12 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from merge_core.errors import SelfMergeError
-from merge_core.gguf_file import read_gguf_header
-from merge_core.gguf_merge import merged_size_bound
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import read_mergekit_yaml
-from merge_core.model_files import resolve_model_path
-from merge_core.model_shape import ModelShape
+from sweep.backends import make_backend
 from sweep.config import SweepConfig
 from sweep.records import model_file, models_dir, write_leaderboard, write_trial_record
 from sweep.isolation import TrialCrashed, run_isolated
@@ -65,9 +63,8 @@ class Sweep:
         ratio = config.prune.max_ppl_ratio
         self.pruner = BaseRatioPruner(ratio) if ratio else None
         self.directory = config.sweep.directory
-        self.base_path = resolve_model_path(config.model.path)
-        self.header = read_gguf_header(self.base_path)
-        self.shape = ModelShape.from_gguf_header(self.header)
+        self.backend = make_backend(config.model.path, config.backend, self.directory)
+        self.shape = self.backend.shape
         self.space: SearchSpace = build_space(config.space_kind, self.shape, config.space)
         self.enqueue = [self._plan_to_enqueue(entry) for entry in config.sweep.enqueue]
         self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials)
@@ -75,7 +72,7 @@ class Sweep:
     # -- study set-up -----------------------------------------------------------------------
     def _open(self) -> optuna.Study:
         study = open_study(self.config, self.sampler, self.pruner)
-        fingerprint = scoring_fingerprint(self.config, self.base_path)
+        fingerprint = scoring_fingerprint(self.config, self.backend.source)
         stored = study.user_attrs.get("scoring")
         if stored is None:
             study.set_user_attr("scoring", fingerprint)
@@ -111,12 +108,12 @@ class Sweep:
         if "base" in study.user_attrs:
             return study.user_attrs["base"]
         plan = LayerPlan.identity(self.shape.n_layers)
-        log.info("base model %s (%d layers): scoring %s", self.base_path.name, self.shape.n_layers, "+".join(self.config.eval.kinds))
+        log.info("base model %s (%d layers): scoring %s", self.backend.source.name, self.shape.n_layers, "+".join(self.config.eval.kinds))
         try:
-            scores = score(self.base_path, progress=self.config.sweep.progress)
+            scores = score(self.backend.base, progress=self.config.sweep.progress)
         except Exception as err:
             raise SelfMergeError(f"the base model could not be evaluated: {err}") from None
-        base = {**merge_record(plan, 0.0, self.base_path.stat().st_size), **scores}
+        base = {**merge_record(plan, 0.0, self.backend.n_bytes(self.backend.base)), **scores}
         study.set_user_attr("base", base)
         return base
 
@@ -140,7 +137,7 @@ class Sweep:
 
     def _run_work(self, trial: optuna.Trial, work: TrialWork, plan: LayerPlan, path) -> dict:
         limits = self.config.trial
-        if not limits.isolate:
+        if not (limits.isolate and self.backend.isolatable):
             return work(plan, path, lambda early: self._should_prune(trial, early))
         timeout = limits.timeout_seconds(self.base.get("eval_seconds", 0) + self.base.get("eqbench_seconds", 0))
         record, peak_mb = run_isolated(work, (plan, path), lambda early: self._should_prune(trial, early), timeout, limits.max_memory_bytes)
@@ -211,7 +208,7 @@ class Sweep:
         budget = self.config.sweep.disk_budget_bytes
         if budget is None:
             return
-        needed = merged_size_bound(self.header, plan)
+        needed = self.backend.size_bound(plan)
         if needed > budget:
             raise SelfMergeError(f"plan {plan} makes a {needed / 2**20:.0f} MiB file, more than sweep.disk_budget={self.config.sweep.disk_budget}")
         files = [p for p in reversed(self._ranked_files(study.get_trials(deepcopy=False))) if p.exists()]
@@ -242,11 +239,14 @@ class Sweep:
                         log.warning("trial %d was running when its sweep died: marked failed, retried once", trial.number)
                         write_trial_record(self.directory, trial)
             budget = self.config.sweep.disk_budget_bytes
-            if budget is not None and budget < merged_size_bound(self.header, LayerPlan.identity(self.shape.n_layers)):
-                raise SelfMergeError(f"sweep.disk_budget={self.config.sweep.disk_budget} is smaller than one merged file ({self.base_path.stat().st_size / 2**20:.0f} MiB or more)")
+            base_size = self.backend.size_bound(LayerPlan.identity(self.shape.n_layers))
+            if budget is not None and budget < base_size:
+                raise SelfMergeError(f"sweep.disk_budget={self.config.sweep.disk_budget} is smaller than one merged file ({base_size / 2**20:.0f} MiB or more)")
+            if self.config.trial.isolate and not self.backend.isolatable:
+                log.info("backend=%s: trials run in this process; trial.timeout and trial.max_memory do not apply", self.config.backend.kind)
             prune = self.config.prune
             early_windows = prune.early_windows if prune.max_ppl_ratio and self.config.eval.ppl else 0
-            score = TrialScorer(self.config.eval, self.base_path, early_windows)
+            score = TrialScorer(self.config.eval, self.backend.base, early_windows, self.backend.open_model)
             self.base = self._base(study, score)
             if self.pruner is not None:
                 self.pruner.base_early_ppl = self.base.get("ppl_early")
@@ -256,7 +256,7 @@ class Sweep:
             if done >= run.n_trials:
                 log.info("sweep %s already has %d trials: nothing to do", run.name, done)
                 return study
-            self._optimize(study, self.work_type(self.base_path, score, self.base), done)
+            self._optimize(study, self.work_type(self.backend, score, self.base), done)
             return study
         finally:
             lock.close()

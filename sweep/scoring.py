@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from evals.eqbench_eval import EQBenchEval
+from evals.llama_cpp_model import LlamaCppModel
 from evals.ppl_eval import PerplexityEval
 from sweep.config import EQBenchConfig, EvalConfig, PerplexityConfig, SweepConfig
 
@@ -21,7 +22,7 @@ def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
     evals = {}
     for kind in config.eval.kinds:
         evals[kind] = {k: v for k, v in asdict(getattr(config.eval, kind)).items() if k != "threads"}
-    return {"model": str(base_path), "eval": evals}
+    return {"model": str(base_path), "backend": config.backend.scoring(), "eval": evals}
 
 
 def eval_config_from_fingerprint(fingerprint: dict, threads: int | None = None) -> EvalConfig:
@@ -35,16 +36,17 @@ def eval_config_from_fingerprint(fingerprint: dict, threads: int | None = None) 
 
 class TrialScorer:
     """``early_windows`` > 0 scores perplexity in two stages (see PerplexityEval.staged): the record
-    gets ``ppl_early``, and a ``stop_early(early_ppl)`` that answers True ends the scoring there."""
+    gets ``ppl_early``, and a ``stop_early(early_ppl)`` that answers True ends the scoring there.
+    ``open_model`` is the backend's: it opens a GGUF path (llama.cpp) or an in-memory model (torch)."""
 
-    def __init__(self, config: EvalConfig, base_path: Path, early_windows: int = 0) -> None:
+    def __init__(self, config: EvalConfig, base_model, early_windows: int = 0, open_model=LlamaCppModel) -> None:
         self.early_windows = early_windows
-        self.ppl = PerplexityEval.from_config(base_path, config.ppl) if config.ppl else None
-        self.eqbench = EQBenchEval.from_config(config.eqbench) if config.eqbench else None
+        self.ppl = PerplexityEval.from_config(base_model, config.ppl, open_model) if config.ppl else None
+        self.eqbench = EQBenchEval.from_config(config.eqbench, open_model) if config.eqbench else None
         if self.eqbench is not None:
-            self.eqbench.check_fits(base_path)
+            self.eqbench.check_fits(base_model)
 
-    def __call__(self, model_path: Path, base: dict | None = None, progress: bool = False, stop_early=None) -> dict:
+    def __call__(self, model_path, base: dict | None = None, progress: bool = False, stop_early=None) -> dict:
         """Record fields of every configured eval; ``base`` (the base model's record) gives the ratios.
         Stopped early, the record has ``ppl_early`` and ``pruned`` only."""
         record: dict = {}

@@ -1,6 +1,8 @@
-"""What one trial does, in whichever process runs it: merge the plan, then score the merged file.
+"""What one trial does, in whichever process runs it: build the plan's model with the backend (a
+merged GGUF file, or an in-memory model), then score it.
 
-A plain picklable object, so the sweep can hand it to a child process (sweep/isolation.py).
+With the llama.cpp backend it is a plain picklable object, so the sweep can hand it to a child
+process (sweep/isolation.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
+from sweep.backends import LlamaCppBackend, TorchBackend
 from sweep.scoring import TrialScorer
 
 
@@ -28,16 +30,16 @@ def merge_record(plan: LayerPlan, merge_seconds: float, file_bytes: int) -> dict
 
 @dataclass
 class TrialWork:
-    base_path: Path
+    backend: LlamaCppBackend | TorchBackend
     scorer: TrialScorer
     base: Optional[dict] = None  # the base model's record, for ratios; set once it is scored
 
-    def merge(self, plan: LayerPlan, out: Path) -> None:
-        merge_gguf(self.base_path, plan, out)
+    def merge(self, plan: LayerPlan, out: Path):
+        return self.backend.build(plan, out)
 
     def __call__(self, plan: LayerPlan, out: Path, stop_early: Callable[[float], bool]) -> dict:
         start = time.perf_counter()
-        self.merge(plan, out)
-        record = merge_record(plan, time.perf_counter() - start, out.stat().st_size)
-        record.update(self.scorer(out, self.base, stop_early=stop_early))
+        model = self.merge(plan, out)
+        record = merge_record(plan, time.perf_counter() - start, self.backend.n_bytes(model))
+        record.update(self.scorer(model, self.base, stop_early=stop_early))
         return record

@@ -40,7 +40,7 @@ class FaultyWork(TrialWork):
     def merge(self, plan, out):
         if trial_number(out) == 0:
             raise RuntimeError("injected merge failure")
-        super().merge(plan, out)
+        return super().merge(plan, out)
 
     def __call__(self, plan, out, stop_early):
         n = trial_number(out)
@@ -71,5 +71,6 @@ class PhaseMarks(TrialWork):
 
     def merge(self, plan, out):
         self._mark("merge", out)
-        super().merge(plan, out)
+        model = super().merge(plan, out)
         self._mark("eval", out)
+        return model

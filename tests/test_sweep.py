@@ -131,8 +131,9 @@ def test_disk_budget_is_never_exceeded(tmp_path, wikitext_file, base_gguf):
 
     class Watched(TrialWork):
         def merge(self, plan, out):
-            super().merge(plan, out)
+            model = super().merge(plan, out)
             peak.append(sum(p.stat().st_size for p in models.glob("*.gguf*")))
+            return model
 
     Sweep(config, work_type=Watched).run()
     assert len(peak) >= 3 and max(peak) <= budget

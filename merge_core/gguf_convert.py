@@ -1,0 +1,192 @@
+"""Convert a Hugging Face checkpoint (Llama, Mistral, Qwen2 families) to an F16/BF16 GGUF that
+llama.cpp loads, with the ``gguf`` package: tensor names from gguf's name maps, hyper-parameters,
+tokenizer (byte-level BPE or SentencePiece-style) and chat template as metadata.
+
+Tensors are streamed: the header is written from the safetensors headers, then one tensor at a time
+is read, converted and written, so memory holds one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm.auto import tqdm
+
+from merge_core.errors import SelfMergeError
+from merge_core.hf_checkpoint import HFCheckpoint
+
+OUT_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}
+GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+# tokenizer.json pre-tokenizers llama.cpp knows, by what they split on -> its tokenizer.ggml.pre name
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def _rope_to_interleaved(weight, n_head: int):
+    """HF Llama stores q/k rows for rotate-half RoPE; llama.cpp's llama arch wants them interleaved."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer, from how tokenizer.json splits text."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    split = next((step.get("pattern", {}).get("Regex") for step in steps if step.get("type") == "Split"), None)
+    if split == _LLAMA3_SPLIT:
+        return "llama-bpe"
+    if split == _QWEN2_SPLIT:
+        return "qwen2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    raise SelfMergeError(f"tokenizer.json pre-tokenizer {kinds} (split {split!r}) is not one llama.cpp is known to handle here")
+
+
+def _add_bpe_vocab(writer: gguf.GGUFWriter, tokenizer_json: dict, vocab_size: int) -> None:
+    by_id = {token_id: (text, gguf.TokenType.NORMAL) for text, token_id in tokenizer_json["model"]["vocab"].items()}
+    for added in tokenizer_json.get("added_tokens", []):
+        by_id[added["id"]] = (added["content"], gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+    tokens, types = [], []
+    for token_id in range(max(vocab_size, len(by_id))):
+        text, kind = by_id.get(token_id, (f"[PAD{token_id}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(kind)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(bpe_pre_tokenizer(tokenizer_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+
+def _add_spm_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    vocab = gguf.LlamaHfVocab(folder)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    for token_id in range(len(tokens), vocab_size):  # the embedding may be padded past the vocabulary
+        tokens.append(f"[PAD{token_id}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise SelfMergeError(f"{folder} has no tokenizer.json: GGUF conversion needs the fast tokenizer file")
+    tokenizer_json = json.loads(path.read_text())
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise SelfMergeError(f"tokenizer model {model.get('type')!r} is not supported for GGUF conversion (byte-level or SentencePiece-style BPE)")
+    if model.get("byte_fallback"):
+        _add_spm_vocab(writer, folder, vocab_size)
+    else:
+        _add_bpe_vocab(writer, tokenizer_json, vocab_size)
+    gguf.SpecialVocab(folder, load_merges=not model.get("byte_fallback"), n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise SelfMergeError(f"rope scaling {rope_type!r} is not supported by GGUF conversion here (default, linear); use backend=torch")
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    if head_dim != config["hidden_size"] // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str = "f16", progress: bool = False) -> Path:
+    """Write the GGUF of the HF folder ``source``; 2-D weights in ``out_type`` (f16|bf16), norms and
+    biases in F32 as llama.cpp's own converter does. Written under ``.partial``, renamed at the end."""
+    from safetensors import safe_open  # torch only here: a config check must not load it
+
+    if out_type not in OUT_TYPES:
+        raise SelfMergeError(f"GGUF output type {out_type!r} is not supported; choose one of {list(OUT_TYPES)}")
+    checkpoint = HFCheckpoint.open(source)
+    arch = checkpoint.check_supported()
+    config = checkpoint.config
+    n_head = config["num_attention_heads"]
+    n_head_kv = config.get("num_key_value_heads", n_head)
+    names = gguf.get_tensor_name_map(GGUF_ARCH[arch], checkpoint.n_layers)
+    weight_type, file_type = OUT_TYPES[out_type]
+
+    plan = []  # (HF name, GGUF name, GGML type)
+    for hf_name, entry in checkpoint.tensors.items():
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            if "rotary_emb.inv_freq" in hf_name:
+                continue
+            raise SelfMergeError(f"tensor {hf_name} of {checkpoint.architecture} has no GGUF name")
+        plan.append((hf_name, gguf_name, gguf.GGMLQuantizationType.F32 if len(entry.shape) == 1 else weight_type))
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[GGUF_ARCH[arch]])
+    _add_hparams(writer, config, config.get("_name_or_path") or checkpoint.folder.name, file_type)
+    _add_tokenizer(writer, checkpoint.folder, config["vocab_size"])
+    for hf_name, gguf_name, ggml_type in plan:
+        shape = checkpoint.tensors[hf_name].shape
+        n_bytes = int(np.prod(shape)) * (4 if ggml_type == gguf.GGMLQuantizationType.F32 else 2)
+        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16), n_bytes, raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    files: dict[Path, object] = {}
+    try:
+        for hf_name, gguf_name, ggml_type in tqdm(plan, desc="convert to GGUF", unit="tensor", disable=not progress, leave=False):
+            entry = checkpoint.tensors[hf_name]
+            if entry.file not in files:
+                files[entry.file] = safe_open(entry.file, framework="pt")
+            tensor = files[entry.file].get_tensor(hf_name).float()
+            if arch == "llama" and hf_name.endswith("q_proj.weight"):
+                tensor = _rope_to_interleaved(tensor, n_head)
+            elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+                tensor = _rope_to_interleaved(tensor, n_head_kv)
+            writer.write_tensor_data(_encode(tensor, ggml_type))
+    finally:
+        writer.close()
+    os.replace(partial, out_path)
+    return out_path
+
+
+def _encode(tensor, ggml_type) -> np.ndarray:
+    import torch
+
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return tensor.numpy().astype(np.float32)
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return tensor.numpy().astype(np.float16)
+    return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)  # BF16 bits as they are

@@ -1,0 +1,27 @@
+"""A GGUF model written out as a Hugging Face safetensors folder (transformers dequantizes it), so a
+GGUF base can also give safetensors self-merges and feed the torch backend from disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from merge_core.errors import SelfMergeError
+
+
+def export_hf_folder(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    from merge_core.torch_merge import load_causal_lm
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise SelfMergeError(f"{out_dir} already exists: remove it or choose another output folder")
+    model, tokenizer = load_causal_lm(gguf_path, dtype, "cpu")
+    model.config.quantization_config = None  # dequantized: the folder holds plain weights
+    del model.config.quantization_config
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, out_dir)
+    return out_dir

@@ -1,0 +1,133 @@
+"""Self-merge a Hugging Face checkpoint into a new safetensors folder, as mergekit's passthrough does.
+
+``model.layers.N.*`` follow the plan (a layer used twice is written twice, as its own tensor),
+every other tensor is copied, ``config.json`` gets the new ``num_hidden_layers`` and its per-layer
+lists (e.g. ``layer_types``) follow the plan, tokenizer files and chat template are copied, and
+``mergekit_config.yml`` holds the equivalent recipe. Tensor bytes go file to file in the kernel,
+never dequantized, cast or held in memory, so the output is byte-identical to mergekit's and peak
+memory stays flat whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from merge_core.byte_copy import copy_range, write_all
+from merge_core.errors import SelfMergeError
+from merge_core.hf_checkpoint import INDEX_FILE, LAYER_RE, SINGLE_FILE, HFCheckpoint, SafetensorsEntry
+from merge_core.layer_plan import LayerPlan
+from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+
+DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size (5B)
+SIDE_FILES = (  # copied as they are: tokenizer, chat template, generation defaults
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)  # fmt: skip
+MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def merged_tensors(checkpoint: HFCheckpoint, plan: LayerPlan) -> list[tuple[str, SafetensorsEntry]]:
+    """(output name, source tensor): other tensors in place, the plan's layers where layers began."""
+    layers = checkpoint.layer_tensors()
+    order: list[tuple[str, SafetensorsEntry]] = []
+    layers_written = False
+    for entry in checkpoint.tensors.values():
+        if not LAYER_RE.match(entry.name):
+            order.append((entry.name, entry))
+        elif not layers_written:
+            layers_written = True
+            for out_index, base_index in enumerate(plan.layer_indices):
+                for source in layers[base_index]:
+                    order.append((f"model.layers.{out_index}.{LAYER_RE.match(source.name).group(2)}", source))
+    return order
+
+
+def merged_config(config: dict, plan: LayerPlan) -> dict:
+    """``num_hidden_layers`` and every per-layer list (one item per base layer) follow the plan."""
+    n_base = int(config["num_hidden_layers"])
+    merged = dict(config, num_hidden_layers=plan.n_layers)
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == n_base and n_base > 1 and key != "architectures":
+            merged[key] = [value[i] for i in plan.layer_indices]
+    return merged
+
+
+def shards(order: list[tuple[str, SafetensorsEntry]], shard_bytes: int) -> list[list[tuple[str, SafetensorsEntry]]]:
+    """Tensors grouped greedily into files of at most ``shard_bytes`` (a bigger tensor gets its own)."""
+    groups: list[list[tuple[str, SafetensorsEntry]]] = [[]]
+    size = 0
+    for item in order:
+        if groups[-1] and size + item[1].n_bytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item[1].n_bytes
+    return groups
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, SafetensorsEntry]], progress=None) -> None:
+    """One safetensors file: JSON header (padded to 8 bytes, as the format wants), then the bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, source in tensors:
+        header[name] = {"dtype": source.dtype, "shape": list(source.shape), "data_offsets": [offset, offset + source.n_bytes]}
+        offset += source.n_bytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as dst:
+        write_all(dst.fileno(), len(text).to_bytes(8, "little") + text)
+        sources: dict[Path, int] = {}
+        try:
+            for _, source in tensors:
+                if source.file not in sources:
+                    sources[source.file] = os.open(source.file, os.O_RDONLY)
+                copy_range(sources[source.file], dst.fileno(), source.offset, source.n_bytes)
+                if progress is not None:
+                    progress.update(source.n_bytes)
+        finally:
+            for fd in sources.values():
+                os.close(fd)
+
+
+def merge_safetensors(source: str | Path, plan: LayerPlan, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      model_name: str | None = None, progress: bool = False) -> Path:  # fmt: skip
+    """Write the self-merge of the HF folder ``source`` to the new folder ``out_dir``; return it.
+
+    Written under ``<out_dir>.partial`` and renamed at the end: a crash never leaves a half model
+    under the final name. ``model_name`` is the model the mergekit recipe names (default: source).
+    """
+    checkpoint = HFCheckpoint.open(source)
+    plan.validate(checkpoint.n_layers)
+    if shard_bytes <= 0:
+        raise SelfMergeError(f"out shard size {shard_bytes} is out of range: must be > 0 bytes")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise SelfMergeError(f"{out_dir} already exists: remove it or choose another output folder")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    groups = shards(merged_tensors(checkpoint, plan), shard_bytes)
+    names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    total = sum(source.n_bytes for group in groups for _, source in group)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {plan}", disable=not progress, leave=False) as bar:
+        for name, group in zip(names, groups):
+            write_safetensors(partial / name, group, bar)
+    if len(groups) > 1:
+        weight_map = {tensor: name for name, group in zip(names, groups) for tensor, _ in group}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(merged_config(checkpoint.config, plan), indent=2) + "\n")
+    for name in SIDE_FILES:
+        if (checkpoint.folder / name).is_file():
+            shutil.copy2(checkpoint.folder / name, partial / name)
+    dtypes = {entry.dtype for entry in checkpoint.tensors.values()}
+    dtype = MERGEKIT_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None  # mixed: mergekit must not cast
+    (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name or str(checkpoint.folder), dtype))
+    os.replace(partial, out_dir)
+    return out_dir

@@ -1,0 +1,127 @@
+"""Backends: how a plan becomes a model that the evals can open (``backend=llama_cpp|torch``).
+
+Both offer the same few things: ``base`` (what is scored as the base model), ``shape``,
+``build(plan, out)`` (the merged model: a GGUF path, or an in-memory model), ``open_model``
+(what PerplexityEval and EQBenchEval call to open a model), and ``n_bytes`` of what was built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from evals.llama_cpp_model import LlamaCppModel
+from merge_core.errors import SelfMergeError
+from merge_core.gguf_file import read_gguf_header
+from merge_core.gguf_merge import merge_gguf, merged_size_bound
+from merge_core.layer_plan import LayerPlan
+from merge_core.model_files import is_gguf, resolve_model_source
+from merge_core.model_shape import ModelShape
+from sweep.config import BackendConfig
+
+log = logging.getLogger("selfmerge")
+
+
+@dataclass
+class LlamaCppBackend:
+    """A GGUF base is merged as it is. An HF base is converted (``convert_type``) and quantized
+    (``quant``) once into ``work_dir``; ``requantize`` merges the unquantized GGUF and quantizes
+    each plan. Plain paths only: it is pickled into each trial's child process."""
+
+    source: Path
+    config: BackendConfig
+    work_dir: Path
+    base: Path = field(init=False)  # the GGUF scored as the base
+    merge_from: Path = field(init=False)  # the GGUF whose blocks a plan re-indexes
+    isolatable = True  # trials may run in child processes
+    open_model = staticmethod(LlamaCppModel)
+
+    def __post_init__(self) -> None:
+        if is_gguf(self.source):
+            self.base = self.merge_from = self.source
+            return
+        from merge_core.gguf_convert import convert_hf_to_gguf
+        from merge_core.gguf_quantize import check_quant_type, quantize_gguf
+
+        quant = check_quant_type(self.config.quant)
+        folder = self.work_dir / "base"
+        unquantized = folder / f"base.{self.config.convert_type}.gguf"
+        self.base = folder / f"base.{quant}.gguf"
+        if not unquantized.is_file():  # kept: a resumed sweep or a second worker reuses it
+            log.info("converting %s to %s", self.source, unquantized)
+            convert_hf_to_gguf(self.source, unquantized, self.config.convert_type, progress=True)
+        if not self.base.is_file():
+            log.info("quantizing the base to %s", quant)
+            quantize_gguf(unquantized, self.base, quant)
+        self.merge_from = self.base if self.config.quant_mode == "reuse" else unquantized
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_gguf_header(read_gguf_header(self.base))
+
+    def build(self, plan: LayerPlan, out: Path) -> Path:
+        if self.merge_from == self.base:
+            return merge_gguf(self.base, plan, out)
+        from merge_core.gguf_quantize import quantize_gguf
+
+        unquantized = out.with_name(out.name + ".unquantized")
+        try:
+            merge_gguf(self.merge_from, plan, unquantized)
+            return quantize_gguf(unquantized, out, self.config.quant)
+        finally:
+            unquantized.unlink(missing_ok=True)
+
+    def size_bound(self, plan: LayerPlan) -> int:
+        return merged_size_bound(read_gguf_header(self.base), plan)
+
+    def n_bytes(self, model: Path) -> int:
+        return model.stat().st_size
+
+
+class TorchBackend:
+    """The base loaded once (CPU or GPU); each plan is a model sharing its layers, built in ~1 ms."""
+
+    isolatable = False  # the loaded base (perhaps on a GPU) lives in this process
+
+    def __init__(self, source: Path, config: BackendConfig) -> None:
+        from merge_core.torch_merge import load_causal_lm
+
+        from evals.torch_model import compiled_layer_fn, run_layer
+
+        self.source, self.config = source, config
+        self.base, self.tokenizer = load_causal_lm(source, config.dtype, config.device)
+        self.layer_fn = compiled_layer_fn() if config.compile else run_layer
+
+    @property
+    def shape(self) -> ModelShape:
+        layers = self.base.model.layers
+        per_layer = sum(p.numel() for p in layers[0].parameters())
+        outside = sum(p.numel() for p in self.base.parameters()) - per_layer * len(layers)
+        return ModelShape(len(layers), per_layer, outside)
+
+    def build(self, plan: LayerPlan, out: Optional[Path] = None) -> Any:
+        from merge_core.torch_merge import merged_model
+
+        return merged_model(self.base, plan)
+
+    def open_model(self, model, n_ctx: int, threads: Optional[int] = None, batch: int = 512):
+        from evals.torch_model import TorchModel
+
+        return TorchModel(model, self.tokenizer, n_ctx, self.config.batch_windows, self.layer_fn)
+
+    def size_bound(self, plan: LayerPlan) -> int:
+        return 0  # nothing is written
+
+    def n_bytes(self, model) -> int:
+        return 0
+
+
+def make_backend(model_path: str, config: BackendConfig, work_dir: Path):
+    source = resolve_model_source(model_path)
+    if config.kind == "torch":
+        return TorchBackend(source, config)
+    if config.kind != "llama_cpp":
+        raise SelfMergeError(f"unknown backend {config.kind!r}")
+    return LlamaCppBackend(source, config, work_dir)
