@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python benchmarks/eqbench_modes.py base
 	$(BIN)/python benchmarks/eqbench_modes.py rank
 	$(BIN)/python benchmarks/torch_backend.py cpu
+	$(BIN)/python benchmarks/distributed_overhead.py
 
 clean:
 	rm -rf $(VENV) results/*/

@@ -53,17 +53,28 @@ def cmd_sweep(overrides: list[str]) -> None:
             print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
             sys.exit(130)
 
+    overrides = [_storage_alias(o) for o in overrides]
     if not {"-m", "--multirun"} & set(overrides):  # a multirun's sweep values (a=1,2) are checked per job
         try:  # check overrides and values first: Hydra reports over several lines, and makes the run folder
             load_config(compose([o for o in overrides if not o.startswith("-")]))
         except SelfMergeError as err:
             _fail(str(err))
-    sys.argv = ["selfmerge", *overrides]
+    flags = [o for o in overrides if o in ("-m", "--multirun")]  # Hydra reads flags before overrides only
+    sys.argv = ["selfmerge", *flags, *[o for o in overrides if o not in flags]]
     try:
         task()
     except SystemExit as exit_:
         # Hydra reports a bad override or config on one line and exits 1: that is bad input.
         sys.exit(USAGE_ERROR if exit_.code == 1 else exit_.code)
+
+
+def _storage_alias(override: str) -> str:
+    """``storage=postgresql://u@h/db`` or ``storage=journal:/x.log`` means ``storage.url=...``
+    (``storage=sqlite`` still picks the config group)."""
+    key, _, value = override.partition("=")
+    if key == "storage" and ("://" in value or value.startswith("journal:")):
+        return f"storage.url={value}"
+    return override
 
 
 # -- leaderboard / reproduce ------------------------------------------------------------------

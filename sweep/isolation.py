@@ -30,7 +30,11 @@ def _context():
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
+        preload = list(PRELOAD)
+        if multiprocessing.get_start_method(allow_none=True) == "loky":
+            # a joblib (loky) worker: children are told to use "loky", which must then be known to them
+            preload.append("joblib.externals.loky.backend.context")
+        context.set_forkserver_preload(preload)
         return context
     return multiprocessing.get_context("spawn")
 

@@ -7,6 +7,10 @@ attributes in the study and the leaderboard rewritten. A plan already scored is 
 (cache hit). A trial whose merge or evaluation fails, hangs past trial.timeout or dies is
 recorded as failed with its reason and the sweep goes on. Ctrl-C stops after the running trial.
 
+Several workers may run the same sweep through a shared storage (PostgreSQL, a journal file):
+a plan another worker is evaluating is waited for (sweep/twins.py), a dead worker's trial is
+failed by the heartbeat and retried once (Optuna's, or sweep/heartbeat.py for a journal file).
+
 The base model's score is kept beside the trials (a study attribute), not as a trial: a trial
 without parameters would break the samplers that model a fixed search space (CMA-ES, NSGA-II).
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 import time
 
@@ -35,10 +41,13 @@ from sweep.samplers import make_sampler
 from sweep.scoring import TrialScorer, scoring_fingerprint
 from sweep.trial_work import TrialWork, merge_record
 from sweep.spaces import SearchSpace, build_space
-from sweep.study import SweepLock, open_study, retry_orphaned_trials
+from sweep.heartbeat import TrialHeartbeat, fail_stale_trials
+from sweep.twins import TwinPlans
+from sweep.study import SweepLock, is_journal, open_study, retry_orphaned_trials
 
 log = logging.getLogger("selfmerge")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class TrialFailed(Exception):
@@ -63,6 +72,8 @@ class Sweep:
         ratio = config.prune.max_ppl_ratio
         self.pruner = BaseRatioPruner(ratio) if ratio else None
         self.directory = config.sweep.directory
+        self.journal = is_journal(config.storage_url)
+        self.twins = TwinPlans(self._fail_stale, config.storage.heartbeat_seconds)
         self.backend = make_backend(config.model.path, config.backend, self.directory)
         self.shape = self.backend.shape
         self.space: SearchSpace = build_space(config.space_kind, self.shape, config.space)
@@ -143,16 +154,35 @@ class Sweep:
         record, peak_mb = run_isolated(work, (plan, path), lambda early: self._should_prune(trial, early), timeout, limits.max_memory_bytes)
         return {**record, "peak_rss_mb": round(peak_mb)}
 
+    def _fail_stale(self, study: optuna.Study) -> None:
+        """Fail (and retry once) trials whose worker died: Optuna's heartbeat for RDB storages, ours
+        for a journal file."""
+        if self.journal:
+            fail_stale_trials(study, 2 * self.config.storage.heartbeat_seconds)
+        else:
+            optuna.storages.fail_stale_trials(study)
+
     def _objective(self, work: TrialWork):
         def objective(trial: optuna.Trial):
+            if not self.journal:
+                return evaluate(trial)
+            self._fail_stale(trial.study)
+            beat = TrialHeartbeat(trial.study, trial._trial_id, self.config.storage.heartbeat_seconds)
+            try:
+                return evaluate(trial)
+            finally:
+                beat.stop()
+
+        def evaluate(trial: optuna.Trial):
             plan = self.space.suggest(trial)
-            for key, value in {**self.space.derived(plan), "plan": str(plan), "n_layers": plan.n_layers}.items():
+            for key, value in {**self.space.derived(plan), "plan": str(plan), "n_layers": plan.n_layers, "worker": WORKER}.items():
                 trial.set_user_attr(key, value)
-            earlier = self._scored_plan(trial.study, str(plan))
+            earlier = self._scored_plan(trial.study, str(plan)) or self.twins.result_for(trial, str(plan))
             if earlier is not None:
                 for key, value in earlier.user_attrs.items():
-                    trial.set_user_attr(key, value)
-                trial.set_user_attr("cache_hit_of", earlier.number)
+                    if key not in ("claim", "worker"):
+                        trial.set_user_attr(key, value)
+                trial.set_user_attr("cache_hit_of", earlier.user_attrs.get("cache_hit_of", earlier.number))
                 for key in ("eval_seconds", "eqbench_seconds", "merge_seconds"):
                     if key in earlier.user_attrs:
                         trial.set_user_attr(key, 0.0)
@@ -170,7 +200,10 @@ class Sweep:
                 trial.set_user_attr("error", reason)
                 raise TrialFailed(reason) from err
             for key, value in record.items():
-                trial.set_user_attr(key, value)
+                if key != "worker":  # the child process's; WORKER names the sweep process
+                    trial.set_user_attr(key, value)
+            if path.exists():  # which worker (machine) holds the file, as long as it is kept
+                trial.set_user_attr("model_file", str(path.resolve()))
             if record.get("pruned"):
                 path.unlink(missing_ok=True)
                 raise self._pruned(trial, record["ppl_early"])
@@ -197,10 +230,15 @@ class Sweep:
         scored = (t for t in trials if t.state == TrialState.COMPLETE and "cache_hit_of" not in t.user_attrs)
         return [model_file(self.directory, t.number) for t in sorted(scored, key=self._rank_key)]
 
+    def _finished_files(self, trials: list[FrozenTrial]) -> set:
+        """Files of finished trials: another worker's running trial may be writing or reading its own."""
+        return {model_file(self.directory, t.number) for t in trials if t.state.is_finished()}
+
     def _keep_top_k(self, trials: list[FrozenTrial]) -> None:
         keep = set(self._ranked_files(trials)[: self.config.sweep.keep_top_k])
+        finished = self._finished_files(trials)
         for path in models_dir(self.directory).glob("trial_*.gguf"):
-            if path not in keep:
+            if path not in keep and path in finished:
                 path.unlink(missing_ok=True)
 
     def _make_room(self, plan: LayerPlan, study: optuna.Study) -> None:
@@ -211,8 +249,10 @@ class Sweep:
         needed = self.backend.size_bound(plan)
         if needed > budget:
             raise SelfMergeError(f"plan {plan} makes a {needed / 2**20:.0f} MiB file, more than sweep.disk_budget={self.config.sweep.disk_budget}")
-        files = [p for p in reversed(self._ranked_files(study.get_trials(deepcopy=False))) if p.exists()]
-        files += [p for p in models_dir(self.directory).glob("trial_*.gguf") if p not in files]  # strays first
+        trials = study.get_trials(deepcopy=False)
+        files = [p for p in reversed(self._ranked_files(trials)) if p.exists()]
+        finished = self._finished_files(trials)
+        files += [p for p in models_dir(self.directory).glob("trial_*.gguf") if p not in files and p in finished]  # strays first
         used = sum(p.stat().st_size for p in models_dir(self.directory).glob("*.gguf*"))
         while used + needed > budget and files:
             victim = files.pop()
@@ -229,10 +269,10 @@ class Sweep:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> optuna.Study:
         run = self.config.sweep
-        lock = SweepLock(self.directory)
+        lock = SweepLock.for_url(self.config.storage_url)
         try:
             study = self._open()
-            if lock.alone():
+            if lock is not None and lock.alone():
                 orphans = retry_orphaned_trials(study)
                 for trial in study.get_trials(deepcopy=False):
                     if trial.number in orphans:
@@ -259,7 +299,8 @@ class Sweep:
             self._optimize(study, self.work_type(self.backend, score, self.base), done)
             return study
         finally:
-            lock.close()
+            if lock is not None:
+                lock.close()
 
     def _on_ctrl_c(self, signum, frame) -> None:
         if self._stopping:
@@ -275,6 +316,8 @@ class Sweep:
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             write_trial_record(self.directory, trial)
+            if self.journal:  # before the next ask, so a retry of a dead worker's trial is taken next
+                self._fail_stale(study)
             trials = study.get_trials(deepcopy=False)
             self._keep_top_k(trials)
             write_leaderboard(study, self.directory)
@@ -299,7 +342,8 @@ class Sweep:
             elif "error" in trial.user_attrs:
                 outcome += f" ({trial.user_attrs['error']})"
             log.info("trial %d %s: %s", trial.number, trial.user_attrs.get("plan"), outcome)
-            if n_done >= run.n_trials or self._stopping:
+            waiting = any(t.state == TrialState.WAITING for t in trials)  # e.g. a dead worker's trial, retried
+            if (n_done >= run.n_trials and not waiting) or self._stopping:
                 study.stop()
 
         in_main = threading.current_thread() is threading.main_thread()

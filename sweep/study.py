@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import random
+import time
 from pathlib import Path
 
 import optuna
@@ -13,18 +15,43 @@ from merge_core.errors import SelfMergeError
 from sweep.config import SweepConfig
 
 
+STORAGE_ATTEMPTS = 5  # several workers starting together race to create the RDB schema
+JOURNAL_PREFIX = "journal:"  # journal:/shared/path/journal.log: Optuna's JournalStorage on a file
+
+
+def is_journal(url: str) -> bool:
+    return url.startswith(JOURNAL_PREFIX)
+
+
 def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///, postgresql://, mysql://) with Optuna's heartbeat, or journal:PATH
+    (JournalStorage, for clusters with a shared file system and no database; sweep/heartbeat.py)."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
-    except Exception as err:  # bad URL, missing driver, unreachable server
-        raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
+    if is_journal(url):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len(JOURNAL_PREFIX) :]).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as err:
+            raise SelfMergeError(f"cannot open storage {url}: {err}") from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except ImportError as err:  # no driver for this URL: trying again will not help
+            raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
+        except Exception as err:  # bad URL, unreachable server, or workers creating the schema at once
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
+            time.sleep(0.2 * 2**attempt + random.random() * 0.2)
 
 
 def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
@@ -42,23 +69,31 @@ def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler, pruner
 
 
 def load_study(url: str, name: str, sampler=None) -> optuna.Study:
+    storage = make_storage(url, 60) if is_journal(url) else url
     try:
-        return optuna.load_study(study_name=name, storage=url, sampler=sampler)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         raise SelfMergeError(f"no sweep named {name!r} in {url}") from None
 
 
 class SweepLock:
-    """A shared flock held by every worker of a sweep on this machine's file system.
+    """A shared flock beside a SQLite study file, held by every worker that uses that file.
 
     A worker that can take it exclusively knows no other worker is alive, so RUNNING trials left
     by a killed run are orphans: they are failed and retried at once instead of waiting for
-    their heartbeat to go stale.
+    their heartbeat to go stale. Other storages are shared between machines, where only the
+    heartbeat can tell: ``for_url`` gives None for them.
     """
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self._file = open(directory / ".sweep.lock", "a+")
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a+")
+
+    @classmethod
+    def for_url(cls, url: str) -> SweepLock | None:
+        if not url.startswith("sqlite:///"):
+            return None
+        return cls(Path(url[len("sqlite:///") :] + ".lock"))
 
     def alone(self) -> bool:
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evals.perplexity import PerplexityResult
-from sweep.trial_work import TrialWork
+from sweep.trial_work import TrialWork, merge_record
 
 
 def trial_number(out: Path) -> int:
@@ -74,3 +74,24 @@ class PhaseMarks(TrialWork):
         model = super().merge(plan, out)
         self._mark("eval", out)
         return model
+
+
+@dataclass
+class CheapWork(TrialWork):
+    """No model: a score computed from the plan after ``delay`` seconds, for the many-worker tests.
+    Each evaluation leaves ``<evaluations>/<plan>@<trial>`` so a test can count how often a plan was
+    evaluated; with ``hang`` the worker's first trial leaves ``hang@<trial>`` and never ends."""
+
+    evaluations: Path | None = None
+    delay: float = 0.0
+    hang: bool = False
+
+    def __call__(self, plan, out, stop_early):
+        n = trial_number(out)
+        (self.evaluations / f"{plan}@{n}").touch()
+        if self.hang:
+            (self.evaluations / f"hang@{n}").touch()
+            time.sleep(3600)
+        time.sleep(self.delay)
+        ppl = 10.0 + abs(plan.n_layers - 40) + sum(plan.layer_indices) % 7 / 10
+        return {**merge_record(plan, 0.0, 0), "ppl": ppl, "ppl_vs_base": ppl / self.base["ppl"]}
