@@ -29,6 +29,7 @@ from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import bundled_model_path
 from merge_core.model_shape import ModelShape
+from sweep.prior import prior_plans
 from sweep.spaces import UniformSpaceConfig, build_space
 
 OUT = Path("results/benchmarks")
@@ -68,17 +69,33 @@ def build_landscape(n_ctx: int, windows: int) -> None:
                 print(f"{i}/{len(todo)}", flush=True)
 
 
+def layer_importance():
+    """The importance prior's analysis of the bundled model (cached beside the landscape)."""
+    from evals.layer_importance import LayerImportance
+    from sweep.prior import analyze
+
+    csv_path = OUT / "layer_importance.csv"
+    if csv_path.is_file():
+        return LayerImportance.read(csv_path)
+    importance = analyze("bundled", "stdlib-docstrings", 512, windows=8, max_block=8, device="cpu")
+    importance.write(OUT)
+    return importance
+
+
 def load_landscape() -> dict[str, float]:
     with open(LANDSCAPE) as f:
         return {row["plan"]: float(row["ppl"]) for row in csv.DictReader(f)}
 
 
-def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, budget: int, targets: dict[str, set[str]]):
-    """Evaluations (distinct plans scored, cache hits free) until each target set is first hit."""
+def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, budget: int, targets: dict[str, set[str]], prior=None):
+    """Evaluations (distinct plans scored, cache hits free) until each target set is first hit.
+    ``prior``: (plan, params) pairs scored first, as space.prior=importance does."""
     from sweep.samplers import make_sampler
 
     sampler = make_sampler(sampler_kind, space, seed, n_startup_trials=5)  # the sweep default (conf/sampler)
     study = optuna.create_study(sampler=sampler)
+    for _, params in prior or []:
+        study.enqueue_trial(params)
     seen: set[str] = set()
     reached = {name: None for name in targets}
     trials = 0
@@ -108,8 +125,10 @@ def run_replay(seeds: int, budget: int) -> None:
     n = len(ranked)
     targets = {"best": {ranked[0]}, "top_1pct": set(ranked[: max(1, n // 100)])}
     results = {}
-    for kind in ("random", "tpe", "cmaes", "grid"):
-        runs = [replay(space, landscape, kind, seed, budget, targets) for seed in range(seeds)]
+    prior = prior_plans(space, layer_importance(), 5)
+    for kind in ("random", "tpe", "tpe+importance", "cmaes", "grid"):
+        sampler, _, with_prior = kind.partition("+")
+        runs = [replay(space, landscape, sampler, seed, budget, targets, prior if with_prior else None) for seed in range(seeds)]
         results[kind] = {
             name: {
                 "median_evals": statistics.median([r[name] if r[name] is not None else budget for r in runs]),
@@ -120,11 +139,13 @@ def run_replay(seeds: int, budget: int) -> None:
         }
     print(f"space: uniform n_middle [0,2], {n} plans; objective: ppl, 1 window of 256 tokens; {seeds} seeds, budget {budget} evaluations")
     print(f"best plan {ranked[0]} ppl {landscape[ranked[0]]:.3f}; top 1% = {len(targets['top_1pct'])} plans")
-    print(f"{'sampler':<8}{'evals to top 1% (median)':>27}{'evals to best (median)':>25}{'best found':>12}")
+    print(f"prior's first plans: {[str(p) for p, _ in prior]}; ranks in the landscape: {[ranked.index(str(p)) + 1 for p, _ in prior]}")
+    print(f"{'sampler':<16}{'evals to top 1% (median)':>27}{'evals to best (median)':>25}{'best found':>12}")
     for kind, r in results.items():
-        print(f"{kind:<8}{r['top_1pct']['median_evals']:>27}{r['best']['median_evals']:>25}{r['best']['found_in']:>9}/{seeds}")
+        print(f"{kind:<16}{r['top_1pct']['median_evals']:>27}{r['best']['median_evals']:>25}{r['best']['found_in']:>9}/{seeds}")
     report = {"space": "uniform n_middle [0,2]", "n_plans": n, "seeds": seeds, "budget": budget, "best_plan": ranked[0],
-              "top_1pct": sorted(targets["top_1pct"]), "samplers": results}  # fmt: skip
+              "top_1pct": sorted(targets["top_1pct"]), "samplers": results,
+              "prior_plans": [str(p) for p, _ in prior], "prior_plan_ranks": [ranked.index(str(p)) + 1 for p, _ in prior]}  # fmt: skip
     (OUT / "search_efficiency.json").write_text(json.dumps(report, indent=2))
     plot_landscape(space, landscape, ranked)
     print(f"wrote {OUT / 'search_efficiency.json'} and {OUT / 'landscape.png'}")

@@ -139,14 +139,23 @@ class LlamaCppModel:
                 rows.append(np.frombuffer(buffer, dtype=np.float32).reshape(n_logits, self.n_vocab).copy())
         return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), dtype=np.float32)
 
-    def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
+    def scored_logits(self, window: Sequence[int], first: int) -> np.ndarray:
+        """Raw logits predicting ``window[first + 1:]``, from an empty cache (one row per token)."""
         lib, ctx = self._lib, self.llm.ctx
         self.llm.reset()
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         self._cached = []
+        return self._decode(window, start=0, want=lambda pos: first <= pos < len(window) - 1)
+
+    def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
         targets = np.asarray(window[first + 1 :], dtype=np.int64)
-        rows = self._decode(window, start=0, want=lambda pos: first <= pos < len(window) - 1)
-        return log_softmax_nll(rows, targets)
+        return log_softmax_nll(self.scored_logits(window, first), targets)
+
+    def complete(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
+        """Greedy continuation of raw text (no chat template), cut at the first ``stop`` string."""
+        self._cached = []
+        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0, stop=list(stop) or None, seed=0)
+        return out["choices"][0]["text"]
 
     def close(self) -> None:
         if self._batch is not None:

@@ -1,4 +1,4 @@
-"""The ``selfmerge`` command: sweep, leaderboard, report, reproduce, plans, merge, eval, eqbench.
+"""The ``selfmerge`` command: sweep, leaderboard, report, reproduce, plans, analyze, merge, eval, eqbench.
 
 Bad input prints one line, ``selfmerge: error: ...``, and exits with status 2.
 """
@@ -83,7 +83,7 @@ def print_leaderboard(frame, top: int = 10) -> None:
 
     from sweep.records import distinct_plans
 
-    columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "eval_seconds", "state", "pareto"]
+    columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "lm_eval", "eval_seconds", "state", "pareto"]
     columns = [c for c in columns if c in ("rank", "trial", "plan", "state") or frame[c].notna().any()]
     distinct = distinct_plans(frame)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
@@ -140,6 +140,23 @@ def cmd_plans(args, overrides: list[str]) -> None:
         print(f"{qualifier} {count} valid plans in space '{config.space_kind}' for a {shape.n_layers}-layer model")
     for plan in sample_plans(space, args.sample, seed=args.seed) if args.sample else []:
         print(f"{plan}  ({plan.n_layers} layers)")
+
+
+def cmd_analyze(args, overrides: list[str]) -> None:
+    from sweep.config import compose, load_config
+    from sweep.prior import analyze
+
+    config = load_config(compose(overrides))
+    ppl = config.eval.ppl
+    text, n_ctx = (ppl.text, ppl.n_ctx) if ppl else ("stdlib-docstrings", 512)
+    importance = analyze(config.model.path, text, n_ctx, args.windows, args.max_block, config.backend.device)
+    name = Path(config.model.path.rstrip("/")).stem if config.model.path != "bundled" else "SmolLM2-135M-Instruct"
+    csv, png = importance.write(Path(args.out) if args.out else Path(config.sweep.results_dir) / "analysis" / name)
+    frame = importance.to_frame()
+    print(frame[["layer", "block_influence", "angular_distance_1"]].to_string(index=False, float_format="{:.4f}".format))
+    quiet = frame.sort_values("block_influence")["layer"].head(5).tolist()
+    print(f"layers that change the hidden state least (block influence): {quiet}")
+    print(f"wrote {csv} and {png}")
 
 
 def cmd_merge(args) -> None:
@@ -256,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=1_000_000, help="stop enumerating past this many plans")
 
+    p = sub.add_parser("analyze", help="layer importance of the base model (angular distance, block influence): CSV + PNG [overrides]")
+    p.add_argument("--windows", type=int, default=8, help="calibration windows of eval.ppl.n_ctx tokens from eval.ppl.text")
+    p.add_argument("--max-block", type=int, default=8, help="largest block size n for the angular distance")
+    p.add_argument("--out", help="folder (default: results/analysis/<model>)")
+
     p = sub.add_parser("merge", help="merge one plan by hand")
     p.add_argument("model", help="base: a GGUF file, 'bundled', an HF model folder or a hub id")
     p.add_argument("--plan", required=True, help="e.g. 0-16,8-30")
@@ -299,13 +321,15 @@ def main(argv: list[str] | None = None) -> None:
         return cmd_sweep(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "plans":
+    if extra and args.command not in ("plans", "analyze"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "plans" and not (args.count or args.sample):
         parser.error("plans needs --count and/or --sample N")
     try:
         if args.command == "plans":
             cmd_plans(args, extra)
+        elif args.command == "analyze":
+            cmd_analyze(args, extra)
         else:
             commands = {"leaderboard": cmd_leaderboard, "report": cmd_report, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench}
             commands[args.command](args)

@@ -20,8 +20,8 @@ from sweep.samplers import SAMPLERS
 from sweep.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-OBJECTIVES = {"ppl": "minimize", "eqbench": "maximize", "n_layers": "minimize"}  # name -> default direction
-OBJECTIVE_EVAL = {"ppl": "ppl", "eqbench": "eqbench"}  # the eval an objective needs
+OBJECTIVES = {"ppl": "minimize", "eqbench": "maximize", "lm_eval": "maximize", "n_layers": "minimize"}  # name -> default direction
+OBJECTIVE_EVAL = {"ppl": "ppl", "eqbench": "eqbench", "lm_eval": "lm_eval"}  # the eval an objective needs
 
 
 @dataclass(frozen=True)
@@ -104,19 +104,41 @@ class EQBenchConfig:
 
 
 @dataclass(frozen=True)
+class LmEvalConfig:
+    """lm-eval tasks as one objective: ``metric`` averaged over ``tasks``."""
+
+    tasks: tuple[str, ...] = ("arc_easy",)
+    metric: str = "acc"  # acc, acc_norm, exact_match, ... as the tasks report it
+    direction: str = "maximize"
+    limit: Optional[float] = None  # items per task (a fraction if < 1); null = all
+    num_fewshot: Optional[int] = None  # null = the task's default
+    include_path: Optional[str] = None  # a folder of task YAMLs of your own (e.g. over local JSON data)
+    batch_size: int = 8  # torch backend
+    n_ctx: int = 2048
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("minimize", "maximize"):
+            raise SelfMergeError(f"eval.lm_eval.direction={self.direction!r}: use minimize or maximize")
+        if self.limit is not None and self.limit <= 0:
+            raise SelfMergeError(f"eval.lm_eval.limit={self.limit} is out of range: must be > 0 or null")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """The evaluations each trial runs: those present (eval=ppl, eval=eqbench, eval=[ppl,eqbench])."""
+    """The evaluations each trial runs: those present (eval=ppl, eval=eqbench, eval=[ppl,eqbench,lm_eval])."""
 
     ppl: Optional[PerplexityConfig] = None
     eqbench: Optional[EQBenchConfig] = None
+    lm_eval: Optional[LmEvalConfig] = None
 
     def __post_init__(self) -> None:
         if not self.kinds:
-            raise SelfMergeError("no evaluation configured: use eval=ppl, eval=eqbench or eval=[ppl,eqbench]")
+            raise SelfMergeError("no evaluation configured: use eval=ppl, eval=eqbench, eval=lm_eval or a list, e.g. eval=[ppl,eqbench]")
 
     @property
     def kinds(self) -> list[str]:
-        return [kind for kind in ("ppl", "eqbench") if getattr(self, kind) is not None]
+        return [kind for kind in ("ppl", "eqbench", "lm_eval") if getattr(self, kind) is not None]
 
 
 @dataclass(frozen=True)
@@ -226,6 +248,7 @@ class SweepConfig:
     prune: PruneConfig = PruneConfig()
     trial: TrialConfig = TrialConfig()
     backend: BackendConfig = BackendConfig()
+    space_prior: Optional[str] = None  # "importance": start from the plans the layer analysis ranks best (sweep/prior.py)
 
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals
@@ -239,6 +262,8 @@ class SweepConfig:
             name, _, direction = objective.partition(":")
             if name not in OBJECTIVES:
                 raise SelfMergeError(f"sweep.objectives: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+            if not direction and name == "lm_eval" and self.eval.lm_eval is not None:
+                direction = self.eval.lm_eval.direction  # the configured metric's own direction
             direction = direction or OBJECTIVES[name]
             if direction not in ("minimize", "maximize"):
                 raise SelfMergeError(f"sweep.objectives: {objective!r} has direction {direction!r}; use minimize or maximize")
@@ -310,6 +335,9 @@ def load_config(cfg: DictConfig) -> SweepConfig:
     """Validate a composed Hydra config into a SweepConfig."""
     space_node = OmegaConf.to_container(cfg.space, resolve=True)
     kind = space_node.pop("kind", "uniform")
+    prior = space_node.pop("prior", None)
+    if prior not in (None, "importance"):
+        raise SelfMergeError(f"space.prior={prior!r} is unknown; choose importance or null")
     if kind not in SPACES:
         raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
     constraints = _typed(PlanConstraints, space_node.pop("constraints", {}), "space.constraints")
@@ -326,6 +354,7 @@ def load_config(cfg: DictConfig) -> SweepConfig:
         prune=_typed(PruneConfig, cfg.get("prune"), "prune"),
         trial=_typed(TrialConfig, cfg.get("trial"), "trial"),
         backend=_typed(BackendConfig, cfg.get("backend"), "backend"),
+        space_prior=prior,
     )
 
 

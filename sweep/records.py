@@ -15,8 +15,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 LEADERBOARD_COLUMNS = [
-    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "ppl_early", "eqbench", "eqbench_parse_rate", "eval_seconds",
-    "eqbench_seconds", "merge_seconds", "state", "tokens_per_second", "file_mb", "model_file", "cache_hit_of", "error",
+    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "ppl_early", "eqbench", "eqbench_parse_rate", "lm_eval", "eval_seconds",
+    "eqbench_seconds", "lm_eval_seconds", "merge_seconds", "state", "tokens_per_second", "file_mb", "prior_cost", "model_file", "cache_hit_of", "error",
 ]  # fmt: skip
 ATTR_COLUMNS = [c for c in LEADERBOARD_COLUMNS if c not in ("rank", "trial", "state", "model_file", "error")]  # a trial's own attributes
 

@@ -148,6 +148,30 @@ def plot_layer_maps(frame: pd.DataFrame, name: str, n_base: int, path: Path, top
     return _save(fig, path)
 
 
+def prior_agreement(frame: pd.DataFrame, name: str, direction: str, directory: Path) -> str:
+    """With a layer-importance analysis in the sweep's folder (space.prior=importance): do the best
+    plans agree with it? Spearman correlation of the prior's cost with the score, and where the
+    best plan stands in the prior's order."""
+    from evals.layer_importance import LayerImportance
+    from merge_core.layer_plan import LayerPlan
+
+    csv = directory / "layer_importance.csv"
+    scored = distinct_plans(frame)
+    scored = scored[(scored["state"] == "COMPLETE") & scored[name].notna()]
+    if not csv.is_file() or len(scored) < 3:
+        return ""
+    importance = LayerImportance.read(csv)
+    cost = scored["plan"].map(lambda text: importance.plan_cost(LayerPlan.parse(text)))
+    signed = scored[name] if direction == "minimize" else -scored[name]
+    rho = cost.rank().corr(signed.rank())
+    best = signed.idxmin()
+    place = int((cost < cost[best]).sum()) + 1
+    return (f'<h2>importance prior</h2>\n<p>Layer importance (<a href="layer_importance.png">layer_importance.png</a>): '
+            f"Spearman correlation of the prior's cost with {html.escape(name)} (better = lower) over {len(scored)} scored plans: "
+            f"<b>{rho:+.2f}</b> (positive: the prior agrees). The best plan, {html.escape(str(scored.loc[best, 'plan']))}, "
+            f"is number {place} of {len(scored)} in the prior's order.</p>\n")  # fmt: skip
+
+
 def write_report(study: optuna.Study, directory: Path) -> Path:
     names = study.user_attrs.get("objectives", ["ppl"])
     directions = [d.name.lower() for d in study.directions]
@@ -168,6 +192,7 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
     distinct = distinct_plans(frame).drop(columns=["model_file", "cache_hit_of"]).dropna(axis=1, how="all")
     table = distinct.head(25).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
     images = "\n".join(f'<h2>{key.replace("_", " ")}</h2>\n<img src="{p.name}" alt="{key}">' for key, p in plots.items())
+    prior = prior_agreement(frame, names[0], directions[0], directory)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>selfmerge: {html.escape(directory.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;font-size:13px}}
@@ -175,7 +200,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}} img{{max-width:100%}}</style></he
 <h1>Sweep {html.escape(directory.name)}</h1>
 <p>{len(study.trials)} trials: {html.escape(summary)}. Objectives: {html.escape(", ".join(f"{n} ({d})" for n, d in zip(names, directions)))}.</p>
 <p>Base model: <code>{html.escape(str(scoring.get("model", "?")))}</code>; scoring: <code>{html.escape(str(scoring.get("eval", {})))}</code></p>
-<h2>leaderboard (top 25 distinct plans)</h2>
+{prior}<h2>leaderboard (top 25 distinct plans)</h2>
 {table}
 {images}
 </body></html>

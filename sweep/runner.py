@@ -113,6 +113,16 @@ class Sweep:
     def _enqueue(self, study: optuna.Study) -> None:
         for plan, params in self.enqueue:
             study.enqueue_trial(params, user_attrs={"enqueued": str(plan)}, skip_if_exists=True)
+        if self.config.space_prior == "importance" and not study.user_attrs.get("prior_enqueued"):
+            from sweep.prior import importance_for, prior_plans
+
+            ppl = self.config.eval.ppl
+            text, n_ctx = (ppl.text, ppl.n_ctx) if ppl else ("stdlib-docstrings", 512)
+            importance = importance_for(self.directory, self.config.model.path, text, n_ctx)
+            n = self.config.sampler.n_startup_trials or 5
+            for rank, (plan, params) in enumerate(prior_plans(self.space, importance, n), 1):
+                study.enqueue_trial(params, user_attrs={"prior_rank": rank, "prior_cost": importance.plan_cost(plan)}, skip_if_exists=True)
+            study.set_user_attr("prior_enqueued", True)
 
     def _base(self, study: optuna.Study, score: TrialScorer) -> dict:
         """Scored in the sweep's own process: if the base cannot be evaluated, no trial can."""
@@ -150,7 +160,7 @@ class Sweep:
         limits = self.config.trial
         if not (limits.isolate and self.backend.isolatable):
             return work(plan, path, lambda early: self._should_prune(trial, early))
-        timeout = limits.timeout_seconds(self.base.get("eval_seconds", 0) + self.base.get("eqbench_seconds", 0))
+        timeout = limits.timeout_seconds(sum(self.base.get(k, 0) for k in ("eval_seconds", "eqbench_seconds", "lm_eval_seconds")))
         record, peak_mb = run_isolated(work, (plan, path), lambda early: self._should_prune(trial, early), timeout, limits.max_memory_bytes)
         return {**record, "peak_rss_mb": round(peak_mb)}
 
@@ -183,7 +193,7 @@ class Sweep:
                     if key not in ("claim", "worker"):
                         trial.set_user_attr(key, value)
                 trial.set_user_attr("cache_hit_of", earlier.user_attrs.get("cache_hit_of", earlier.number))
-                for key in ("eval_seconds", "eqbench_seconds", "merge_seconds"):
+                for key in ("eval_seconds", "eqbench_seconds", "lm_eval_seconds", "merge_seconds"):
                     if key in earlier.user_attrs:
                         trial.set_user_attr(key, 0.0)
                 if earlier.state == TrialState.PRUNED:
@@ -203,7 +213,7 @@ class Sweep:
                 if key != "worker":  # the child process's; WORKER names the sweep process
                     trial.set_user_attr(key, value)
             if path.exists():  # which worker (machine) holds the file, as long as it is kept
-                trial.set_user_attr("model_file", str(path.resolve()))
+                trial.set_user_attr("model_path", str(path.resolve()))
             if record.get("pruned"):
                 path.unlink(missing_ok=True)
                 raise self._pruned(trial, record["ppl_early"])
@@ -335,7 +345,7 @@ class Sweep:
             bar.refresh()
             outcome = trial.state.name.lower()
             if trial.state == TrialState.COMPLETE:
-                scores = " ".join(f"{k}={trial.user_attrs[k]:.3f}" for k in ("ppl", "eqbench") if k in trial.user_attrs)
+                scores = " ".join(f"{k}={trial.user_attrs[k]:.3f}" for k in ("ppl", "eqbench", "lm_eval") if k in trial.user_attrs)
                 outcome += f" {scores}" + (" (cache hit)" if "cache_hit_of" in trial.user_attrs else "")
             elif trial.state == TrialState.PRUNED:
                 outcome += f" at early ppl={trial.user_attrs.get('ppl_early', float('nan')):.4g}"

@@ -6,6 +6,7 @@ base model and every merged plan are scored by the same object, so their numbers
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from pathlib import Path
 from evals.eqbench_eval import EQBenchEval
 from evals.llama_cpp_model import LlamaCppModel
 from evals.ppl_eval import PerplexityEval
-from sweep.config import EQBenchConfig, EvalConfig, PerplexityConfig, SweepConfig
+from sweep.config import EQBenchConfig, EvalConfig, LmEvalConfig, PerplexityConfig, SweepConfig
 
 
 def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
@@ -22,15 +23,18 @@ def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
     evals = {}
     for kind in config.eval.kinds:
         evals[kind] = {k: v for k, v in asdict(getattr(config.eval, kind)).items() if k != "threads"}
-    return {"model": str(base_path), "backend": config.backend.scoring(), "eval": evals}
+    # as stored: JSON turns tuples (eval.lm_eval.tasks) into lists, and a resume compares with what was stored
+    return json.loads(json.dumps({"model": str(base_path), "backend": config.backend.scoring(), "eval": evals}))
 
 
 def eval_config_from_fingerprint(fingerprint: dict, threads: int | None = None) -> EvalConfig:
     """The EvalConfig a sweep scored with, from its stored fingerprint (to re-score the same way)."""
     stored = fingerprint["eval"]
+    lm_eval = stored.get("lm_eval")
     return EvalConfig(
         ppl=PerplexityConfig(**stored["ppl"], threads=threads) if "ppl" in stored else None,
         eqbench=EQBenchConfig(**stored["eqbench"], threads=threads) if "eqbench" in stored else None,
+        lm_eval=LmEvalConfig(**{**lm_eval, "tasks": tuple(lm_eval["tasks"])}, threads=threads) if lm_eval else None,
     )
 
 
@@ -45,6 +49,11 @@ class TrialScorer:
         self.eqbench = EQBenchEval.from_config(config.eqbench, open_model) if config.eqbench else None
         if self.eqbench is not None:
             self.eqbench.check_fits(base_model)
+        self.lm_eval = None
+        if config.lm_eval:
+            from evals.lm_eval_bridge import LmEvalEval  # lm-eval is imported only when asked for
+
+            self.lm_eval = LmEvalEval.from_config(config.lm_eval, open_model)
 
     def __call__(self, model_path, base: dict | None = None, progress: bool = False, stop_early=None) -> dict:
         """Record fields of every configured eval; ``base`` (the base model's record) gives the ratios.
@@ -79,4 +88,7 @@ class TrialScorer:
                 eqbench_seconds=round(time.perf_counter() - start, 2),
                 eqbench_items=[asdict(r) for r in result.records],  # why a plan scored as it did
             )
+        if self.lm_eval is not None:
+            result = self.lm_eval(model_path, progress=progress)
+            record.update(lm_eval=round(result.score, 4), lm_eval_tasks=result.per_task, lm_eval_seconds=round(result.seconds, 2))
         return record

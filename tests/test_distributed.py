@@ -75,7 +75,8 @@ def test_three_workers_share_one_study(storage_url, tmp_path):
     assert evaluated and max(evaluated.values()) == 1, evaluated  # each plan scored by one worker only
     scored = {t.user_attrs["plan"] for t in trials if "cache_hit_of" not in t.user_attrs}
     assert scored == set(evaluated)
-    assert len({t.user_attrs["worker"] for t in trials}) == 3  # all three took part
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # they shared it (a late third may find the study done)
+    assert any(t.user_attrs.get("claim") == "wait" or "cache_hit_of" in t.user_attrs for t in trials)  # and met on plans
     # each worker wrote the leaderboard into its own folder; the last to finish saw every trial
     boards = [pd.read_csv(tmp_path / f"worker{i}" / "shared" / "leaderboard.csv") for i in range(3)]
     last = max(boards, key=len)
