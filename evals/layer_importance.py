@@ -55,16 +55,16 @@ class LayerImportance:
         directory.mkdir(parents=True, exist_ok=True)
         csv = directory / "layer_importance.csv"
         self.to_frame().to_csv(csv, index=False)
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), height_ratios=[2, 1], sharex=True)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), height_ratios=[2, 1], sharex=True, layout="constrained")
         image = top.imshow(self.angular_distance, aspect="auto", cmap="viridis", origin="lower",
                            extent=(-0.5, self.n_layers - 0.5, 0.5, len(self.angular_distance) + 0.5))  # fmt: skip
-        fig.colorbar(image, ax=top, label="angular distance / pi")
+        fig.colorbar(image, ax=[top, bottom], label="angular distance / pi", shrink=0.6, anchor=(0, 1))  # both axes keep one width
         top.set_ylabel("block size n (layers)")
-        top.set_title(f"Angular distance between the input of layer l and of layer l+n ({self.n_windows} windows)")
+        windows = f" ({self.n_windows} windows)" if self.n_windows else ""
+        top.set_title(f"Angular distance between the input of layer l and of layer l+n{windows}")
         bottom.bar(range(self.n_layers), self.block_influence, color="tab:orange")
         bottom.set_ylabel("block influence")
         bottom.set_xlabel("layer l")
-        fig.tight_layout()
         png = directory / "layer_importance.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
