@@ -108,6 +108,34 @@ def test_both_modes_on_the_bundled_model_and_gibberish_scores_zero(base_gguf, tm
 
 
 @pytest.mark.slow
+def test_torch_backend_answers_eqbench_like_llama_cpp(tmp_path):
+    """One HF checkpoint on both backends (F16 GGUF for llama.cpp, fp32 in memory for torch): the
+    same chat prompt, the same logits-mode ratings, and a greedy reply through the chat template.
+    (Not on the shipped GGUF: transformers' tokenizer converted from it drops SmolLM2's digit
+    splitting, so digits tokenize differently from llama.cpp; a real checkpoint has no such gap.)"""
+    from merge_core.gguf_convert import convert_hf_to_gguf
+    from sweep.backends import TorchBackend
+    from sweep.config import BackendConfig
+    from tiny_models import build_tiny
+
+    folder = build_tiny("llama", tmp_path / "tiny", n_layers=4)
+    gguf = convert_hf_to_gguf(folder, tmp_path / "tiny.f16.gguf")
+    backend = TorchBackend(folder, BackendConfig(kind="torch", device="cpu"))
+    model = backend.build(LayerPlan.parse("0-3,1-4"))
+    merged = merge_gguf(gguf, LayerPlan.parse("0-3,1-4"), tmp_path / "merged.gguf")
+    llama_eval = EQBenchEval("offline", n_items=2, seed=3, mode="logits", n_ctx=4096)
+    torch_eval = EQBenchEval("offline", n_items=2, seed=3, mode="logits", n_ctx=4096, open_model=backend.open_model)
+    messages = [{"role": "user", "content": llama_eval.items[0].prompt}]
+    with LlamaCppModel(merged, n_ctx=4096) as llama, backend.open_model(model, n_ctx=4096) as in_memory:
+        assert in_memory.chat_prompt_tokens(messages) == llama.chat_prompt_tokens(messages)
+    by_llama, by_torch = llama_eval(merged), torch_eval(model)
+    ratings = [(r.first_pass[e], t.first_pass[e]) for r, t in zip(by_llama.records, by_torch.records) for e in r.first_pass]
+    assert by_torch.parse_rate == 1.0 and max(abs(a - b) for a, b in ratings) < 0.05  # on a 0-10 scale
+    reply = EQBenchEval("offline", n_items=1, seed=3, max_tokens=16, n_ctx=4096, open_model=backend.open_model)(model)
+    assert len(reply.records) == 1 and reply.records[0].raw_answer  # random weights: a reply, not a parsable one
+
+
+@pytest.mark.slow
 def test_sweep_with_ppl_and_eqbench_objectives_saves_per_item_records(wikitext_file, tmp_path):
     eq = ["eval=[ppl,eqbench]", "eval.eqbench.mode=logits", "eval.eqbench.n_items=2"]
     config = load_config(compose(fast_overrides("eq", wikitext_file, 2, tmp_path) + eq))

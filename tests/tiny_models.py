@@ -38,7 +38,7 @@ def build_tiny(kind: str, folder: Path, n_layers: int = 6, hidden: int = 64, dty
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     config = classes[kind](
         vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=(kind == "qwen2"),
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1, tie_word_embeddings=(kind == "qwen2"),
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
     torch.manual_seed(seed)
