@@ -85,11 +85,11 @@ class Sweep:
         study = open_study(self.config, self.sampler, self.pruner)
         fingerprint = scoring_fingerprint(self.config, self.backend.source)
         stored = study.user_attrs.get("scoring")
-        if stored is None:
-            study.set_user_attr("scoring", fingerprint)
+        if stored is None:  # "scoring" last: a worker joining at this moment reads it as "all written"
             study.set_user_attr("model_hf_id", self.config.model.hf_id)
             study.set_user_attr("n_base_layers", self.shape.n_layers)
             study.set_user_attr("objectives", self.config.objective_names)
+            study.set_user_attr("scoring", fingerprint)
         elif stored != fingerprint:
             changes = "; ".join(_differences(stored, fingerprint))
             raise SelfMergeError(f"sweep {self.config.sweep.name!r} cannot resume with other scoring ({changes}): use another sweep.name")
