@@ -187,7 +187,9 @@ class Sweep:
             plan = self.space.suggest(trial)
             for key, value in {**self.space.derived(plan), "plan": str(plan), "n_layers": plan.n_layers, "worker": WORKER}.items():
                 trial.set_user_attr(key, value)
-            earlier = self._scored_plan(trial.study, str(plan)) or self.twins.result_for(trial, str(plan))
+            earlier = (  # scored before; being scored by another worker; or scored between those two reads
+                self._scored_plan(trial.study, str(plan)) or self.twins.result_for(trial, str(plan)) or self._scored_plan(trial.study, str(plan))
+            )
             if earlier is not None:
                 for key, value in earlier.user_attrs.items():
                     if key not in ("claim", "worker"):
