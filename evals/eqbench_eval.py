@@ -13,15 +13,19 @@ implements the same ones), through the model's own chat template.
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from evals.base import EvalContext, EvalSpec, StopEarly, never
 from evals.eqbench import EQBenchResult, ItemRecord, item_score, score_answers, summarize
 from evals.eqbench_items import EQItem, load_items, subset
 from evals.llama_cpp_model import LlamaCppModel
+from evals.schema import Field
 from merge_core.errors import SelfMergeError
 
 MODES = ("generate", "logits")
@@ -43,7 +47,8 @@ def _messages(item: EQItem) -> list[dict]:
 
 # -- generation mode --------------------------------------------------------------------------
 def answer_by_generation(model: ChatModel, items: list[EQItem], max_tokens: int, progress: bool = False) -> EQBenchResult:
-    answers = {item.id: model.chat(_messages(item), max_tokens) for item in tqdm(items, desc="eqbench", unit="item", disable=not progress)}
+    asked = tqdm(items, desc=Field.EQBENCH, unit="item", disable=not progress)
+    answers = {item.id: model.chat(_messages(item), max_tokens) for item in asked}
     return score_answers(items, answers)
 
 
@@ -115,6 +120,23 @@ def check_options(mode: str, logits_score: str, max_tokens: int, n_items: int) -
         raise SelfMergeError(f"eval.eqbench.n_items={n_items} is out of range: must be >= 0 (0 = all)")
 
 
+@dataclass(frozen=True)
+class EQBenchConfig:
+    questions: str = "offline"  # "offline" (shipped), a v2 question JSON/CSV, or hf:OWNER/NAME (online)
+    n_items: int = 0  # a fixed random subset of this many items (0 = all), for faster sweeps
+    seed: int = 0  # which subset
+    mode: str = "generate"  # generate (the benchmark as published) or logits (one pass, no generation)
+    max_tokens: int = 512  # reply length bound in generate mode
+    logits_score: str = "expected"  # logits mode: expected value or argmax of P(score 0-10)
+    n_ctx: int = 2048
+    threads: Optional[int] = None  # None = all cores
+
+    def __post_init__(self) -> None:
+        check_options(self.mode, self.logits_score, self.max_tokens, self.n_items)
+        if self.n_ctx < 256:
+            raise SelfMergeError(f"eval.eqbench.n_ctx={self.n_ctx} is out of range: must be >= 256")
+
+
 class EQBenchEval:
     """Items loaded once (a fixed subset when n_items is set); each call scores one model file."""
 
@@ -128,8 +150,12 @@ class EQBenchEval:
         self.open_model = open_model  # model -> ChatModel context; LlamaCppModel opens GGUF paths
 
     @classmethod
-    def from_config(cls, config, open_model: Callable = LlamaCppModel) -> EQBenchEval:
-        return cls(config.questions, config.n_items, config.seed, config.mode, config.max_tokens, config.logits_score, config.n_ctx, config.threads, open_model)
+    def from_config(cls, config: EQBenchConfig, context: EvalContext) -> EQBenchEval:
+        """Checked against the base model: every prompt and its reply must fit n_ctx."""
+        evaluation = cls(config.questions, config.n_items, config.seed, config.mode, config.max_tokens,
+                         config.logits_score, config.n_ctx, config.threads, context.open_model)  # fmt: skip
+        evaluation.check_fits(context.base_model)
+        return evaluation
 
     def check_fits(self, tokenizer_model: str | Path) -> None:
         """Fail before the sweep starts if the longest prompt plus the reply does not fit n_ctx."""
@@ -147,3 +173,28 @@ class EQBenchEval:
                 return answer_by_logits(model, self.items, self.logits_score, progress)
             return answer_by_generation(model, self.items, self.max_tokens, progress)
 
+
+    def record(self, model, base: Optional[Mapping], progress: bool = False,
+               stop_early: StopEarly = never) -> dict:  # fmt: skip
+        start = time.perf_counter()
+        result = self(model, progress=progress)
+        return {
+            Field.EQBENCH: round(result.score, 3),
+            Field.EQBENCH_PARSE_RATE: round(result.parse_rate, 3),
+            Field.EQBENCH_USED: result.used,
+            Field.EQBENCH_FIRST_PASS: round(result.first_pass_score, 3),
+            Field.EQBENCH_REVISED: round(result.revised_score, 3),
+            Field.EQBENCH_SECONDS: round(time.perf_counter() - start, 2),
+            Field.EQBENCH_ITEMS: [asdict(r) for r in result.records],  # why a plan scored as it did
+        }
+
+
+SPEC = EvalSpec(
+    name=Field.EQBENCH,
+    config=EQBenchConfig,
+    build=EQBenchEval.from_config,
+    direction=lambda config: "maximize",
+    columns=(Field.EQBENCH, Field.EQBENCH_PARSE_RATE),
+    scores=(Field.EQBENCH, Field.EQBENCH_PARSE_RATE),
+    seconds=Field.EQBENCH_SECONDS,
+)

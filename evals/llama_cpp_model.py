@@ -27,10 +27,33 @@ def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
     return keep
 
 
+def load_without_weight_repacking() -> None:
+    """Load every llama.cpp model without its "extra buffer types" (``use_extra_bufts=false``, the
+    ``--no-repack`` of llama.cpp's tools). On CPUs with AMX (Sapphire Rapids and later) llama.cpp
+    repacks weights into AMX tiles at load, and the first decode after that segfaults on some of
+    those machines (llama.cpp #20824), this project's CI machine among them. The plain CPU kernels
+    score the same; the repacked ones only speed up a few types. llama-cpp-python does not expose
+    the flag, so its default model parameters are wrapped, once per process."""
+    from llama_cpp import llama_cpp as lib
+
+    default = lib.llama_model_default_params
+    if getattr(default, "selfmerge_no_repack", False):
+        return
+
+    def no_repack():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    no_repack.selfmerge_no_repack = True
+    lib.llama_model_default_params = no_repack
+
+
 class LlamaCppModel:
     def __init__(self, path: str | Path, n_ctx: int = 512, threads: Optional[int] = None, batch: int = 512) -> None:
         import llama_cpp
 
+        load_without_weight_repacking()
         self._lib = llama_cpp
         path = Path(path)
         if not path.is_file():

@@ -13,12 +13,35 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
+from evals.base import EvalContext, EvalSpec, StopEarly, never
 from evals.llama_cpp_model import LlamaCppModel
+from evals.schema import Field
 from merge_core.errors import SelfMergeError
+
+
+@dataclass(frozen=True)
+class LmEvalConfig:
+    """lm-eval tasks as one objective: ``metric`` averaged over ``tasks``."""
+
+    tasks: tuple[str, ...] = ("arc_easy",)
+    metric: str = "acc"  # acc, acc_norm, exact_match, ... as the tasks report it
+    direction: str = "maximize"
+    limit: Optional[float] = None  # items per task (a fraction if < 1); null = all
+    num_fewshot: Optional[int] = None  # null = the task's default
+    include_path: Optional[str] = None  # a folder of task YAMLs of your own (e.g. over local JSON data)
+    batch_size: int = 8  # torch backend
+    n_ctx: int = 2048
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("minimize", "maximize"):
+            raise SelfMergeError(f"eval.lm_eval.direction={self.direction!r}: use minimize or maximize")
+        if self.limit is not None and self.limit <= 0:
+            raise SelfMergeError(f"eval.lm_eval.limit={self.limit} is out of range: must be > 0 or null")
 
 
 def _lm_class():
@@ -102,8 +125,9 @@ class LmEvalEval:
         self.batch_size, self.n_ctx, self.threads, self.open_model = batch_size, n_ctx, threads, open_model
 
     @classmethod
-    def from_config(cls, config, open_model: Callable = LlamaCppModel) -> LmEvalEval:
-        return cls(config.tasks, config.metric, config.limit, config.num_fewshot, config.include_path, config.batch_size, config.n_ctx, config.threads, open_model)
+    def from_config(cls, config: LmEvalConfig, context: EvalContext) -> LmEvalEval:
+        return cls(config.tasks, config.metric, config.limit, config.num_fewshot, config.include_path,
+                   config.batch_size, config.n_ctx, config.threads, context.open_model)  # fmt: skip
 
     def _lm(self, model):
         from evals.torch_model import TorchModel
@@ -129,3 +153,20 @@ class LmEvalEval:
                 raise SelfMergeError(f"lm-eval task {task} has no metric {self.metric!r}; it reports {sorted(values)}")
             per_task[task] = float(values[self.metric])
         return LmEvalResult(float(np.mean(list(per_task.values()))), per_task, time.perf_counter() - start)
+
+    def record(self, model, base: Optional[Mapping], progress: bool = False,
+               stop_early: StopEarly = never) -> dict:  # fmt: skip
+        result = self(model, progress=progress)
+        return {Field.LM_EVAL: round(result.score, 4), Field.LM_EVAL_TASKS: result.per_task,
+                Field.LM_EVAL_SECONDS: round(result.seconds, 2)}  # fmt: skip
+
+
+SPEC = EvalSpec(
+    name=Field.LM_EVAL,
+    config=LmEvalConfig,
+    build=LmEvalEval.from_config,
+    direction=lambda config: config.direction,  # the configured metric's own
+    columns=(Field.LM_EVAL,),
+    scores=(Field.LM_EVAL,),
+    seconds=Field.LM_EVAL_SECONDS,
+)

@@ -4,14 +4,36 @@ stop a hopeless plan early; the rest only if it goes on)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
+from evals.base import EvalContext, EvalSpec, StopEarly, never
 from evals.corpus import load_text
 from evals.llama_cpp_model import LlamaCppModel
 from evals.perplexity import PerplexityResult, make_windows, perplexity
+from evals.schema import Field
+from merge_core.errors import SelfMergeError
 
 CHARS_PER_TOKEN_BOUND = 8  # English prose averages ~4 characters a token; read twice that to be safe
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    text: str = "stdlib-docstrings"  # a file, "stdlib-docstrings", or hf:DATASET[:CONFIG]:SPLIT:COLUMN
+    n_ctx: int = 512
+    windows: int = 4  # windows of n_ctx tokens scored per trial (0 = the whole text)
+    threads: Optional[int] = None  # None = all cores
+    batch: int = 512
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16 or self.n_ctx % 2:
+            raise SelfMergeError(f"eval.n_ctx={self.n_ctx} is out of range: must be an even number >= 16")
+        if self.windows < 0:
+            raise SelfMergeError(f"eval.windows={self.windows} is out of range: must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise SelfMergeError(f"eval.threads={self.threads} is out of range: must be >= 1 or null")
 
 
 class PerplexityEval:
@@ -19,8 +41,9 @@ class PerplexityEval:
     llama.cpp; the torch backend passes its own opener for in-memory models."""
 
     def __init__(self, tokenizer_model, text: str, n_ctx: int = 512, windows: int = 4, threads=None, batch: int = 512,
-                 open_model: Callable = LlamaCppModel) -> None:  # fmt: skip
+                 open_model: Callable = LlamaCppModel, early_windows: int = 0) -> None:  # fmt: skip
         self.n_ctx, self.threads, self.batch, self.open_model = n_ctx, threads, batch, open_model
+        self.early_windows = early_windows  # > 0: ``record`` scores in two stages (see ``staged``)
         max_chars = windows * n_ctx * CHARS_PER_TOKEN_BOUND if windows else 50_000_000
         corpus = load_text(text, max_chars=max_chars)
         with open_model(tokenizer_model, n_ctx=n_ctx, threads=threads, batch=batch) as model:
@@ -28,8 +51,9 @@ class PerplexityEval:
             self.windows = make_windows(tokens, n_ctx, windows, model.bos_for_windows)
 
     @classmethod
-    def from_config(cls, tokenizer_model, config, open_model: Callable = LlamaCppModel) -> PerplexityEval:
-        return cls(tokenizer_model, config.text, config.n_ctx, config.windows, config.threads, config.batch, open_model)
+    def from_config(cls, config: PerplexityConfig, context: EvalContext) -> PerplexityEval:
+        return cls(context.base_model, config.text, config.n_ctx, config.windows, config.threads, config.batch,
+                   context.open_model, context.early_windows)  # fmt: skip
 
     def _open(self, model):
         return self.open_model(model, n_ctx=self.n_ctx, threads=self.threads, batch=self.batch)
@@ -49,3 +73,35 @@ class PerplexityEval:
             if stop(early.ppl):
                 return early, None
             return early, early.extended(perplexity(model, self.windows[early_windows:], progress=progress))
+
+    def record(self, model, base: Optional[Mapping], progress: bool = False,
+               stop_early: StopEarly = never) -> dict:  # fmt: skip
+        record: dict = {}
+        if self.early_windows:
+            early, result = self.staged(model, self.early_windows, stop_early, progress)
+            record[Field.PPL_EARLY] = early.ppl
+            if result is None:
+                return {**record, Field.PRUNED: True}
+        else:
+            result = self(model, progress=progress)
+        if not math.isfinite(result.ppl):
+            raise ValueError(f"perplexity is {result.ppl}")
+        return {
+            **record,
+            Field.PPL: result.ppl,
+            Field.PPL_VS_BASE: result.ppl / base[Field.PPL] if base else 1.0,
+            Field.TOKENS_PER_SECOND: round(result.tokens_per_second, 1),
+            Field.N_TOKENS_SCORED: result.n_tokens_scored,
+            Field.EVAL_SECONDS: round(result.seconds, 2),
+        }
+
+
+SPEC = EvalSpec(
+    name=Field.PPL,
+    config=PerplexityConfig,
+    build=PerplexityEval.from_config,
+    direction=lambda config: "minimize",
+    columns=(Field.PPL, Field.PPL_VS_BASE, Field.PPL_EARLY),
+    scores=(Field.PPL,),
+    seconds=Field.EVAL_SECONDS,
+)

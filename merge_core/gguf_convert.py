@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint (Llama, Mistral, Qwen2 families) to an F16/BF16 GGUF that
+"""Convert a Hugging Face checkpoint (a family of merge_core/architectures.py) to an F16/BF16 GGUF that
 llama.cpp loads, with the ``gguf`` package: tensor names from gguf's name maps, hyper-parameters,
 tokenizer (byte-level BPE or SentencePiece-style) and chat template as metadata.
 
@@ -21,7 +21,7 @@ from merge_core.errors import SelfMergeError
 from merge_core.hf_checkpoint import HFCheckpoint
 
 OUT_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}
-GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+GGUF_ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "llama" -> gguf.MODEL_ARCH.LLAMA
 # tokenizer.json pre-tokenizers llama.cpp knows, by what they split on -> its tokenizer.ggml.pre name
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -136,12 +136,12 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
     config = checkpoint.config
     n_head = config["num_attention_heads"]
     n_head_kv = config.get("num_key_value_heads", n_head)
-    names = gguf.get_tensor_name_map(GGUF_ARCH[arch], checkpoint.n_layers)
+    names = gguf.get_tensor_name_map(GGUF_ARCHS[arch.gguf_arch], checkpoint.n_layers)
     weight_type, file_type = OUT_TYPES[out_type]
 
     plan = []  # (HF name, GGUF name, GGML type)
     for hf_name, entry in checkpoint.tensors.items():
-        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings", arch.tied_embeddings):
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -154,7 +154,7 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[GGUF_ARCH[arch]])
+    writer = gguf.GGUFWriter(partial, arch.gguf_arch)
     _add_hparams(writer, config, config.get("_name_or_path") or checkpoint.folder.name, file_type)
     _add_tokenizer(writer, checkpoint.folder, config["vocab_size"])
     for hf_name, gguf_name, ggml_type in plan:
@@ -171,9 +171,9 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
             if entry.file not in files:
                 files[entry.file] = safe_open(entry.file, framework="pt")
             tensor = files[entry.file].get_tensor(hf_name).float()
-            if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            if arch.permute_qk and hf_name.endswith("q_proj.weight"):
                 tensor = _rope_to_interleaved(tensor, n_head)
-            elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
                 tensor = _rope_to_interleaved(tensor, n_head_kv)
             writer.write_tensor_data(_encode(tensor, ggml_type))
     finally:

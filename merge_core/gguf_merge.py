@@ -9,12 +9,12 @@ whatever the model size and quantized blocks are never dequantized.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from merge_core.architectures import gguf_layer_names, plan_tensors
 from merge_core.byte_copy import copy_range, write_all
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import (
@@ -28,8 +28,6 @@ from merge_core.gguf_file import (
     read_gguf_header,
 )
 from merge_core.layer_plan import LayerPlan
-
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def _gguf_string(text: str) -> bytes:
@@ -67,23 +65,7 @@ def merged_metadata(header: GGUFHeader, plan: LayerPlan) -> list[bytes]:
 
 def merged_tensor_order(header: GGUFHeader, plan: LayerPlan) -> list[tuple[str, TensorInfo]]:
     """(output name, source tensor) pairs: non-block tensors in place, the plan's blocks where blk.* began."""
-    blocks: dict[int, list[TensorInfo]] = {}
-    for tensor in header.tensors:
-        match = _BLOCK_RE.match(tensor.name)
-        if match:
-            blocks.setdefault(int(match.group(1)), []).append(tensor)
-    order: list[tuple[str, TensorInfo]] = []
-    blocks_written = False
-    for tensor in header.tensors:
-        if not _BLOCK_RE.match(tensor.name):
-            order.append((tensor.name, tensor))
-        elif not blocks_written:
-            blocks_written = True
-            for out_index, base_index in enumerate(plan.layer_indices):
-                for source in blocks[base_index]:
-                    suffix = _BLOCK_RE.match(source.name).group(2)
-                    order.append((f"blk.{out_index}.{suffix}", source))
-    return order
+    return plan_tensors(header.tensors, plan, gguf_layer_names(header.architecture))
 
 
 def merged_size_bound(header: GGUFHeader, plan: LayerPlan) -> int:

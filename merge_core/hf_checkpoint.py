@@ -5,18 +5,16 @@ tensor the file that holds it (``model.safetensors``, or the shards named by
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from merge_core import architectures
+from merge_core.architectures import Architecture, LayerNames
 from merge_core.errors import SelfMergeError
 
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# architectures whose layers, GGUF conversion and torch backend are known to work, -> llama.cpp arch
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
 
 @dataclass(frozen=True)
@@ -87,22 +85,24 @@ class HFCheckpoint:
     def n_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 
-    def check_supported(self) -> str:
-        """The llama.cpp architecture of a supported model; a clear error for any other."""
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise SelfMergeError(f"architecture {self.architecture} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        return SUPPORTED_ARCHITECTURES[self.architecture]
+    def check_supported(self) -> Architecture:
+        """The table's entry of a supported model; a clear error for any other."""
+        return architectures.of_config(self.config)
+
+    @property
+    def layer_names(self) -> LayerNames:
+        return architectures.hf_layer_names(self.config)
 
     def layer_tensors(self) -> dict[int, list[SafetensorsEntry]]:
         """Each layer's tensors (``model.layers.N.*``), in file order."""
         layers: dict[int, list[SafetensorsEntry]] = {}
         for entry in self.tensors.values():
-            match = LAYER_RE.match(entry.name)
-            if match:
-                layers.setdefault(int(match.group(1)), []).append(entry)
+            split = self.layer_names.split(entry.name)
+            if split is not None:
+                layers.setdefault(split[0], []).append(entry)
         if not layers or "num_hidden_layers" not in self.config:  # not a Llama-style decoder stack
-            raise SelfMergeError(f"{self.folder} has no model.layers.N tensors: architecture {self.architecture} is not supported; "
-                                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")  # fmt: skip
+            refusal = architectures.unsupported(self.architecture)
+            raise SelfMergeError(f"{self.folder} has no {self.layer_names.prefix}N tensors: {refusal}")
         missing = sorted(set(range(self.n_layers)) - set(layers))
         if missing:
             raise SelfMergeError(f"{self.folder}: config.json says {self.n_layers} layers but no tensors for layers {missing[:8]}")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from merge_core.architectures import LayerNames, gguf_layer_names
 from merge_core.gguf_file import GGUFHeader
 from merge_core.layer_plan import LayerPlan
-
-_BLOCK_RE = re.compile(r"^blk\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -20,12 +18,12 @@ class ModelShape:
     params_outside_layers: int = 0  # embeddings, final norm, output head
 
     @classmethod
-    def from_tensors(cls, n_layers: int, tensors, layer_re: re.Pattern) -> ModelShape:
-        """From (name, shape) pairs: those whose name matches ``layer_re`` belong to the layers."""
+    def from_tensors(cls, n_layers: int, tensors, names: LayerNames) -> ModelShape:
+        """From (name, shape) pairs: those ``names`` calls layer tensors belong to the layers."""
         in_layers = outside = 0
         for name, shape in tensors:
             n = int(np.prod(shape, dtype=np.int64))
-            if layer_re.match(name):
+            if names.split(name) is not None:
                 in_layers += n
             else:
                 outside += n
@@ -33,13 +31,13 @@ class ModelShape:
 
     @classmethod
     def from_gguf_header(cls, header: GGUFHeader) -> ModelShape:
-        return cls.from_tensors(header.block_count, ((t.name, t.dims) for t in header.tensors), _BLOCK_RE)
+        tensors = ((t.name, t.dims) for t in header.tensors)
+        return cls.from_tensors(header.block_count, tensors, gguf_layer_names(header.architecture))
 
     @classmethod
     def from_hf_checkpoint(cls, checkpoint) -> ModelShape:
-        from merge_core.hf_checkpoint import LAYER_RE
-
-        return cls.from_tensors(checkpoint.n_layers, ((e.name, e.shape) for e in checkpoint.tensors.values()), LAYER_RE)
+        tensors = ((e.name, e.shape) for e in checkpoint.tensors.values())
+        return cls.from_tensors(checkpoint.n_layers, tensors, checkpoint.layer_names)
 
     @classmethod
     def of(cls, source) -> ModelShape:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from merge_core.architectures import merged_config, plan_tensors
 from merge_core.byte_copy import copy_range, write_all
 from merge_core.errors import SelfMergeError
-from merge_core.hf_checkpoint import INDEX_FILE, LAYER_RE, SINGLE_FILE, HFCheckpoint, SafetensorsEntry
+from merge_core.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, SafetensorsEntry
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 
@@ -33,28 +34,8 @@ MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 def merged_tensors(checkpoint: HFCheckpoint, plan: LayerPlan) -> list[tuple[str, SafetensorsEntry]]:
     """(output name, source tensor): other tensors in place, the plan's layers where layers began."""
-    layers = checkpoint.layer_tensors()
-    order: list[tuple[str, SafetensorsEntry]] = []
-    layers_written = False
-    for entry in checkpoint.tensors.values():
-        if not LAYER_RE.match(entry.name):
-            order.append((entry.name, entry))
-        elif not layers_written:
-            layers_written = True
-            for out_index, base_index in enumerate(plan.layer_indices):
-                for source in layers[base_index]:
-                    order.append((f"model.layers.{out_index}.{LAYER_RE.match(source.name).group(2)}", source))
-    return order
-
-
-def merged_config(config: dict, plan: LayerPlan) -> dict:
-    """``num_hidden_layers`` and every per-layer list (one item per base layer) follow the plan."""
-    n_base = int(config["num_hidden_layers"])
-    merged = dict(config, num_hidden_layers=plan.n_layers)
-    for key, value in config.items():
-        if isinstance(value, list) and len(value) == n_base and n_base > 1 and key != "architectures":
-            merged[key] = [value[i] for i in plan.layer_indices]
-    return merged
+    checkpoint.layer_tensors()  # every layer present
+    return plan_tensors(list(checkpoint.tensors.values()), plan, checkpoint.layer_names)
 
 
 def shards(order: list[tuple[str, SafetensorsEntry]], shard_bytes: int) -> list[list[tuple[str, SafetensorsEntry]]]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from merge_core import architectures
 from merge_core.errors import SelfMergeError
-from merge_core.hf_checkpoint import SUPPORTED_ARCHITECTURES
 from merge_core.layer_plan import LayerPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -52,10 +52,7 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "au
         config = AutoConfig.from_pretrained(where, **kwargs)
     except OSError as err:
         raise SelfMergeError(f"cannot load model {source!r}: {str(err).splitlines()[0]}") from None
-    by_model_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    architecture = (config.architectures or [by_model_type.get(config.model_type, config.model_type)])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise SelfMergeError(f"architecture {architecture} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    architectures.of_config({"architectures": config.architectures, "model_type": config.model_type})
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
@@ -81,13 +78,11 @@ def _layer_at(layer: nn.Module, position: int) -> nn.Module:
 
 
 def merged_config(config, plan: LayerPlan):
-    merged = copy.deepcopy(config)
-    n_base = config.num_hidden_layers
-    merged.num_hidden_layers = plan.n_layers
-    for key in ("layer_types",):  # per-layer lists transformers reads
-        value = getattr(config, key, None)
-        if isinstance(value, list) and len(value) == n_base:
-            setattr(merged, key, [value[i] for i in plan.layer_indices])
+    """A transformers config of the merge: the same rule as a merged config.json (architectures.py)."""
+    merged, before = copy.deepcopy(config), config.to_dict()
+    for key, value in architectures.merged_config(before, plan).items():
+        if value != before[key]:
+            setattr(merged, key, value)
     return merged
 
 

@@ -1,16 +1,12 @@
 """Backends: how a plan becomes a model that the evals can open (``backend=llama_cpp|torch``).
-
-Both offer the same few things: ``base`` (what is scored as the base model), ``shape``,
-``build(plan, out)`` (the merged model: a GGUF path, or an in-memory model), ``open_model``
-(what PerplexityEval and EQBenchEval call to open a model), and ``n_bytes`` of what was built.
-"""
+``Backend`` states what the sweep needs of one; ``BACKENDS`` names them."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Protocol
 
 from evals.llama_cpp_model import LlamaCppModel
 from merge_core.errors import SelfMergeError
@@ -22,6 +18,27 @@ from merge_core.model_shape import ModelShape
 from sweep.config import BackendConfig
 
 log = logging.getLogger("selfmerge")
+
+
+class Backend(Protocol):
+    source: Path  # the model the config names, resolved (a GGUF file or an HF folder)
+    base: Any  # what is scored as the base model: a GGUF path, or the loaded model
+    isolatable: ClassVar[bool]  # trials may run in child processes (everything it holds pickles)
+
+    @property
+    def shape(self) -> ModelShape: ...
+
+    def build(self, plan: LayerPlan, out: Path) -> Any:
+        """The merged model of ``plan``: a file written at ``out``, or an in-memory model."""
+
+    def open_model(self, model: Any, n_ctx: int, threads: Optional[int] = None, batch: int = 512) -> Any:
+        """A context manager over ``model`` (the base or a build) that the evals score (evals/base.py)."""
+
+    def size_bound(self, plan: LayerPlan) -> int:
+        """Bytes ``build`` will write for ``plan``, at most (disk budget); 0 when nothing is written."""
+
+    def n_bytes(self, model: Any) -> int:
+        """Bytes of what ``build`` wrote."""
 
 
 @dataclass
@@ -118,10 +135,13 @@ class TorchBackend:
         return 0
 
 
-def make_backend(model_path: str, config: BackendConfig, work_dir: Path):
-    source = resolve_model_source(model_path)
-    if config.kind == "torch":
-        return TorchBackend(source, config)
-    if config.kind != "llama_cpp":
-        raise SelfMergeError(f"unknown backend {config.kind!r}")
-    return LlamaCppBackend(source, config, work_dir)
+BACKENDS = {  # backend.kind -> how to make it from (source, config, work_dir)
+    "llama_cpp": LlamaCppBackend,
+    "torch": lambda source, config, work_dir: TorchBackend(source, config),
+}
+
+
+def make_backend(model_path: str, config: BackendConfig, work_dir: Path) -> Backend:
+    if config.kind not in BACKENDS:
+        raise SelfMergeError(f"unknown backend {config.kind!r}; choose one of {list(BACKENDS)}")
+    return BACKENDS[config.kind](resolve_model_source(model_path), config, work_dir)

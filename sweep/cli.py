@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from evals.schema import Field
 from merge_core.errors import SelfMergeError
 
 USAGE_ERROR = 2
@@ -81,10 +82,12 @@ def _storage_alias(override: str) -> str:
 def print_leaderboard(frame, top: int = 10) -> None:
     import pandas as pd
 
+    from evals.registry import EVALS
     from sweep.records import distinct_plans
 
-    columns = ["rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "eqbench", "eqbench_parse_rate", "lm_eval", "eval_seconds", "state", "pareto"]
-    columns = [c for c in columns if c in ("rank", "trial", "plan", "state") or frame[c].notna().any()]
+    scores = [c for spec in EVALS.values() for c in spec.columns if c != Field.PPL_EARLY]  # early ppl: a pruning aid
+    columns = ["rank", "trial", Field.PLAN, Field.N_LAYERS, *scores, Field.EVAL_SECONDS, "state", "pareto"]
+    columns = [c for c in columns if c in ("rank", "trial", Field.PLAN, "state") or frame[c].notna().any()]
     distinct = distinct_plans(frame)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
         print(distinct[columns].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
@@ -147,7 +150,7 @@ def cmd_analyze(args, overrides: list[str]) -> None:
     from sweep.prior import analyze
 
     config = load_config(compose(overrides))
-    ppl = config.eval.ppl
+    ppl = config.eval.get(Field.PPL)
     text, n_ctx = (ppl.text, ppl.n_ctx) if ppl else ("stdlib-docstrings", 512)
     importance = analyze(config.model.path, text, n_ctx, args.windows, args.max_block, config.backend.device)
     name = Path(config.model.path.rstrip("/")).stem if config.model.path != "bundled" else "SmolLM2-135M-Instruct"
@@ -295,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=8, help="windows scored (0 = all)")
     p.add_argument("--threads", type=int)
 
-    p = sub.add_parser("eqbench", help="EQ-Bench v2 tools")
+    p = sub.add_parser(Field.EQBENCH, help="EQ-Bench v2 tools")  # named as the evaluation
     eq = p.add_subparsers(dest="eqbench_command", required=True)
     p = eq.add_parser("run", help="ask a model the questions and score its answers")
     p.add_argument("model", help="GGUF file, or 'bundled'")
@@ -331,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "analyze":
             cmd_analyze(args, extra)
         else:
-            commands = {"leaderboard": cmd_leaderboard, "report": cmd_report, "reproduce": cmd_reproduce, "merge": cmd_merge, "eval": cmd_eval, "eqbench": cmd_eqbench}
+            commands = {"leaderboard": cmd_leaderboard, "report": cmd_report, "reproduce": cmd_reproduce, "merge": cmd_merge,
+                        "eval": cmd_eval, Field.EQBENCH: cmd_eqbench}  # fmt: skip
             commands[args.command](args)
     except SelfMergeError as err:
         _fail(str(err))

@@ -4,24 +4,26 @@ so a wrong type or an unknown key is caught once, with the key's name, before an
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from evals.eqbench_eval import check_options
+from evals.registry import EVALS
+from evals.registry import get as get_eval
+from evals.schema import Field
 from merge_core.errors import SelfMergeError
 from sweep.constraints import PlanConstraints
 from sweep.samplers import SAMPLERS
 from sweep.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-OBJECTIVES = {"ppl": "minimize", "eqbench": "maximize", "lm_eval": "maximize", "n_layers": "minimize"}  # name -> default direction
-OBJECTIVE_EVAL = {"ppl": "ppl", "eqbench": "eqbench", "lm_eval": "lm_eval"}  # the eval an objective needs
+OBJECTIVES = (*EVALS, Field.N_LAYERS)  # each evaluation's score, and depth (minimized unless told)
 
 
 @dataclass(frozen=True)
@@ -70,75 +72,39 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
-class PerplexityConfig:
-    text: str = "stdlib-docstrings"  # a file, "stdlib-docstrings", or hf:DATASET[:CONFIG]:SPLIT:COLUMN
-    n_ctx: int = 512
-    windows: int = 4  # windows of n_ctx tokens scored per trial (0 = the whole text)
-    threads: Optional[int] = None  # None = all cores
-    batch: int = 512
-
-    def __post_init__(self) -> None:
-        if self.n_ctx < 16 or self.n_ctx % 2:
-            raise SelfMergeError(f"eval.n_ctx={self.n_ctx} is out of range: must be an even number >= 16")
-        if self.windows < 0:
-            raise SelfMergeError(f"eval.windows={self.windows} is out of range: must be >= 0")
-        if self.threads is not None and self.threads < 1:
-            raise SelfMergeError(f"eval.threads={self.threads} is out of range: must be >= 1 or null")
-
-
-@dataclass(frozen=True)
-class EQBenchConfig:
-    questions: str = "offline"  # "offline" (shipped), a v2 question JSON/CSV, or hf:OWNER/NAME (online)
-    n_items: int = 0  # a fixed random subset of this many items (0 = all), for faster sweeps
-    seed: int = 0  # which subset
-    mode: str = "generate"  # generate (the benchmark as published) or logits (one pass, no generation)
-    max_tokens: int = 512  # reply length bound in generate mode
-    logits_score: str = "expected"  # logits mode: expected value or argmax of P(score 0-10)
-    n_ctx: int = 2048
-    threads: Optional[int] = None  # None = all cores
-
-    def __post_init__(self) -> None:
-        check_options(self.mode, self.logits_score, self.max_tokens, self.n_items)
-        if self.n_ctx < 256:
-            raise SelfMergeError(f"eval.eqbench.n_ctx={self.n_ctx} is out of range: must be >= 256")
-
-
-@dataclass(frozen=True)
-class LmEvalConfig:
-    """lm-eval tasks as one objective: ``metric`` averaged over ``tasks``."""
-
-    tasks: tuple[str, ...] = ("arc_easy",)
-    metric: str = "acc"  # acc, acc_norm, exact_match, ... as the tasks report it
-    direction: str = "maximize"
-    limit: Optional[float] = None  # items per task (a fraction if < 1); null = all
-    num_fewshot: Optional[int] = None  # null = the task's default
-    include_path: Optional[str] = None  # a folder of task YAMLs of your own (e.g. over local JSON data)
-    batch_size: int = 8  # torch backend
-    n_ctx: int = 2048
-    threads: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.direction not in ("minimize", "maximize"):
-            raise SelfMergeError(f"eval.lm_eval.direction={self.direction!r}: use minimize or maximize")
-        if self.limit is not None and self.limit <= 0:
-            raise SelfMergeError(f"eval.lm_eval.limit={self.limit} is out of range: must be > 0 or null")
-
-
-@dataclass(frozen=True)
 class EvalConfig:
-    """The evaluations each trial runs: those present (eval=ppl, eval=eqbench, eval=[ppl,eqbench,lm_eval])."""
+    """The evaluations each trial runs, in the registry's order: eval=ppl, eval=[ppl,eqbench], ...
+    ``sections`` maps each configured evaluation's name to its own config (evals/registry.py)."""
 
-    ppl: Optional[PerplexityConfig] = None
-    eqbench: Optional[EQBenchConfig] = None
-    lm_eval: Optional[LmEvalConfig] = None
+    sections: dict
 
     def __post_init__(self) -> None:
-        if not self.kinds:
-            raise SelfMergeError("no evaluation configured: use eval=ppl, eval=eqbench, eval=lm_eval or a list, e.g. eval=[ppl,eqbench]")
+        if not self.sections:
+            choices = ", ".join(f"eval={name}" for name in EVALS)
+            raise SelfMergeError(f"no evaluation configured: use {choices} or a list, e.g. eval=[ppl,eqbench]")
 
     @property
     def kinds(self) -> list[str]:
-        return [kind for kind in ("ppl", "eqbench", "lm_eval") if getattr(self, kind) is not None]
+        return list(self.sections)
+
+    def get(self, name: str):
+        """The config of evaluation ``name``, or None when the sweep does not run it."""
+        return self.sections.get(name)
+
+    def fingerprint(self) -> dict:
+        """What changes its scores (threads never do), as JSON stores it (tuples become lists)."""
+        stored = {name: {k: v for k, v in asdict(section).items() if k != "threads"}
+                  for name, section in self.sections.items()}  # fmt: skip
+        return json.loads(json.dumps(stored))
+
+    @classmethod
+    def from_fingerprint(cls, stored: dict, threads: Optional[int] = None) -> EvalConfig:
+        """The EvalConfig a sweep scored with, from its stored fingerprint (to re-score the same way)."""
+        def section(name: str, values: dict):
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return get_eval(name).config(**values, threads=threads)
+
+        return cls({name: section(name, stored[name]) for name in EVALS if name in stored})
 
 
 @dataclass(frozen=True)
@@ -262,14 +228,14 @@ class SweepConfig:
             name, _, direction = objective.partition(":")
             if name not in OBJECTIVES:
                 raise SelfMergeError(f"sweep.objectives: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
-            if not direction and name == "lm_eval" and self.eval.lm_eval is not None:
-                direction = self.eval.lm_eval.direction  # the configured metric's own direction
-            direction = direction or OBJECTIVES[name]
+            section = self.eval.get(name)
+            if not direction:  # an evaluation's own direction (lm-eval's follows its metric); depth: minimize
+                direction = EVALS[name].direction(section) if section is not None else "minimize"
             if direction not in ("minimize", "maximize"):
                 raise SelfMergeError(f"sweep.objectives: {objective!r} has direction {direction!r}; use minimize or maximize")
-            needs = OBJECTIVE_EVAL.get(name)
-            if needs and needs not in self.eval.kinds:
-                raise SelfMergeError(f"sweep.objectives: {name} needs eval {needs}, but eval is {self.eval.kinds}: add it, e.g. eval=[ppl,eqbench]")
+            if name in EVALS and section is None:
+                raise SelfMergeError(f"sweep.objectives: {name} needs eval {name}, but eval is {self.eval.kinds}: "
+                                     "add it, e.g. eval=[ppl,eqbench]")  # fmt: skip
             objectives.append((name, direction))
         if not objectives:
             raise SelfMergeError("sweep.objectives is empty: name at least one, e.g. [ppl]")
@@ -331,6 +297,15 @@ def _typed(cls, node, where: str):
         raise SelfMergeError(f"bad value for {where}{'.' + key if key else ''}: {lines[0]}") from None
 
 
+def _eval_config(node) -> EvalConfig:
+    """Each section typed by its registered evaluation's config; an unknown name is refused."""
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    for name in node:
+        get_eval(name)
+    sections = {name: _typed(EVALS[name].config, node[name], f"eval.{name}") for name in EVALS if name in node}
+    return EvalConfig(sections)
+
+
 def load_config(cfg: DictConfig) -> SweepConfig:
     """Validate a composed Hydra config into a SweepConfig."""
     space_node = OmegaConf.to_container(cfg.space, resolve=True)
@@ -348,7 +323,7 @@ def load_config(cfg: DictConfig) -> SweepConfig:
         space_kind=kind,
         space=space,
         sampler=_typed(SamplerConfig, cfg.get("sampler"), "sampler"),
-        eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
+        eval=_eval_config(cfg.get("eval")),
         storage=_typed(StorageConfig, cfg.get("storage"), "storage"),
         sweep=_typed(RunConfig, cfg.get("sweep"), "sweep"),
         prune=_typed(PruneConfig, cfg.get("prune"), "prune"),

@@ -8,52 +8,51 @@ retry, as Optuna's RetryHeartbeatStaleTrialCallback does for RDB storages.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from typing import Iterator
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+
+from sweep.optuna_access import AnyTrial, fail_and_retry, set_system_attr
 
 STAMP = "selfmerge_heartbeat"
 
 
-class TrialHeartbeat:
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
-        self._storage, self._trial_id, self._interval = study._storage, trial_id, interval
-        self._stop = threading.Event()
-        self._beat()
-        self._thread = threading.Thread(target=self._run, name="selfmerge-heartbeat", daemon=True)
-        self._thread.start()
+@contextlib.contextmanager
+def trial_heartbeat(study: optuna.Study, trial: AnyTrial, interval: float) -> Iterator[None]:
+    """Stamp ``trial`` now and every ``interval`` seconds while the block runs."""
+    stop = threading.Event()
 
-    def _beat(self) -> None:
-        self._storage.set_trial_system_attr(self._trial_id, STAMP, time.time())
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+    def beat() -> None:
+        while not stop.wait(interval):
             try:
-                self._beat()
+                set_system_attr(study, trial, STAMP, time.time())
             except Exception:  # the trial finished between two beats
                 return
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    set_system_attr(study, trial, STAMP, time.time())
+    thread = threading.Thread(target=beat, name="selfmerge-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def fail_stale_trials(study: optuna.Study, grace: float) -> list[int]:
     """Fail RUNNING trials silent for more than ``grace`` seconds and enqueue each for one retry."""
-    storage, retry, failed = study._storage, RetryHeartbeatStaleTrialCallback(max_retry=1), []
-    now = time.time()
+    failed, now = [], time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = trial.datetime_start.timestamp() if trial.datetime_start else now
         last_sign = max(trial.system_attrs.get(STAMP, 0.0), started)  # a retry inherits its original's stamp
         if now - last_sign <= grace:
             continue
         try:
-            storage.set_trial_system_attr(trial._trial_id, "fail_reason", "worker died during the trial (heartbeat stale)")
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                retry(study, storage.get_trial(trial._trial_id))
+            if fail_and_retry(study, trial, "worker died during the trial (heartbeat stale)"):
                 failed.append(trial.number)
         except (RuntimeError, ValueError):  # another worker failed it first
             continue

@@ -12,6 +12,8 @@ import math
 import optuna
 from optuna.trial import FrozenTrial
 
+from evals.schema import Field
+
 EARLY_STEP = 0
 
 
@@ -30,3 +32,25 @@ class BaseRatioPruner(optuna.pruners.BasePruner):
         if self.base_early_ppl is None or EARLY_STEP not in trial.intermediate_values:
             return False
         return beyond(trial.intermediate_values[EARLY_STEP], self.base_early_ppl, self.max_ratio)
+
+
+class EarlyStop:
+    """The sweep's answer after a trial's early perplexity: go on, or stop (``pruned``). With one
+    objective through Optuna's pruner (the value is reported, so TPE learns from it); with several,
+    Optuna takes no intermediate values and the same rule is applied directly."""
+
+    def __init__(self, max_ratio: float | None, base_early_ppl: float | None, n_objectives: int) -> None:
+        self.max_ratio, self.base_early_ppl, self.n_objectives = max_ratio, base_early_ppl, n_objectives
+
+    def __call__(self, trial: optuna.Trial, early_ppl: float) -> bool:
+        if not self.max_ratio or self.base_early_ppl is None:
+            return False
+        trial.set_user_attr(Field.PPL_EARLY, early_ppl)
+        if self.n_objectives == 1:
+            trial.report(early_ppl if math.isfinite(early_ppl) else 1e30, EARLY_STEP)
+            return trial.should_prune()
+        return beyond(early_ppl, self.base_early_ppl, self.max_ratio)
+
+    def pruned(self, early_ppl: float) -> optuna.TrialPruned:
+        limit = self.base_early_ppl * self.max_ratio
+        return optuna.TrialPruned(f"early ppl {early_ppl:.4g} > {limit:.4g} ({self.max_ratio} x the base's)")

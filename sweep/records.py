@@ -14,25 +14,26 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-LEADERBOARD_COLUMNS = [
-    "rank", "trial", "plan", "n_layers", "ppl", "ppl_vs_base", "ppl_early", "eqbench", "eqbench_parse_rate", "lm_eval", "eval_seconds",
-    "eqbench_seconds", "lm_eval_seconds", "merge_seconds", "state", "tokens_per_second", "file_mb", "prior_cost", "model_file", "cache_hit_of", "error",
+from evals.registry import EVALS
+from evals.schema import Field, StudyKey
+from sweep.model_store import model_file
+
+LEADERBOARD_COLUMNS = [  # each evaluation's columns, then their timings, from the registry
+    "rank", "trial", Field.PLAN, Field.N_LAYERS,
+    *(column for spec in EVALS.values() for column in spec.columns),
+    *(spec.seconds for spec in EVALS.values()),
+    Field.MERGE_SECONDS, "state", Field.TOKENS_PER_SECOND, Field.FILE_MB, Field.PRIOR_COST, "model_file",
+    Field.CACHE_HIT_OF, Field.ERROR,
 ]  # fmt: skip
-ATTR_COLUMNS = [c for c in LEADERBOARD_COLUMNS if c not in ("rank", "trial", "state", "model_file", "error")]  # a trial's own attributes
+ATTR_COLUMNS = [  # a trial's own attributes
+    c for c in LEADERBOARD_COLUMNS if c not in ("rank", "trial", "state", "model_file", Field.ERROR)
+]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def models_dir(directory: Path) -> Path:
-    return directory / "models"
-
-
-def model_file(directory: Path, trial_number: int) -> Path:
-    return models_dir(directory) / f"trial_{trial_number}.gguf"
 
 
 def trial_record(trial: FrozenTrial) -> dict:
@@ -42,7 +43,7 @@ def trial_record(trial: FrozenTrial) -> dict:
         "values": trial.values,
         "params": trial.params,
         **trial.user_attrs,
-        "fail_reason": trial.system_attrs.get("fail_reason"),
+        Field.FAIL_REASON: trial.system_attrs.get(Field.FAIL_REASON),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
         "finished": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
     }
@@ -75,7 +76,7 @@ def _row(trial: FrozenTrial | None, attrs: dict, state: str, directory: Path | N
         **{column: attrs.get(column) for column in ATTR_COLUMNS},
         "state": state,
         "model_file": str(path) if path is not None and path.exists() else None,
-        "error": attrs.get("error") or (trial.system_attrs.get("fail_reason") if trial is not None else None),
+        Field.ERROR: attrs.get(Field.ERROR) or (trial.system_attrs.get(Field.FAIL_REASON) if trial is not None else None),
     }
 
 
@@ -86,21 +87,22 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
     completed = merged_trials(study)
     others = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
     rows = [_row(t, t.user_attrs, "COMPLETE", directory) for t in completed]
-    names = study.user_attrs.get("objectives", ["ppl"])
+    names = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])
     directions = [d.name.lower() for d in study.directions]
     if completed:
-        pareto_names, pareto_directions = (names, directions) if len(names) > 1 else ([names[0], "n_layers"], [directions[0], "maximize"])
+        pareto_names, pareto_directions = (names, directions) if len(names) > 1 else ([names[0], Field.N_LAYERS], [directions[0], "maximize"])
         flags = pareto_flags([tuple(t.user_attrs[n] for n in pareto_names) for t in completed], pareto_directions)
         for row, flag in zip(rows, flags):
             row["pareto"] = flag
     frame = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS[1:] + ["pareto"])
     frame = frame.sort_values([names[0], "trial"], ascending=[directions[0] == "minimize", True], kind="stable").reset_index(drop=True)
     # rank distinct plans: a cache hit (the same plan proposed again) shares its first trial's rank
-    first = frame["cache_hit_of"].isna()
+    first = frame[Field.CACHE_HIT_OF].isna()
     rank_of = dict(zip(frame.loc[first, "trial"], range(1, int(first.sum()) + 1)))
-    frame.insert(0, "rank", pd.Series([rank_of.get(t if f else c) for t, f, c in zip(frame["trial"], first, frame["cache_hit_of"])], dtype="Int64"))
+    frame.insert(0, "rank", pd.Series([rank_of.get(t if f else c) for t, f, c in zip(frame["trial"], first, frame[Field.CACHE_HIT_OF])], dtype="Int64"))
     tail = pd.DataFrame([_row(t, t.user_attrs, t.state.name, directory) for t in others], columns=LEADERBOARD_COLUMNS[1:])
-    head = pd.DataFrame([_row(None, study.user_attrs["base"], "BASE", None)]) if "base" in study.user_attrs else None
+    base = study.user_attrs.get(StudyKey.BASE)
+    head = pd.DataFrame([_row(None, base, "BASE", None)]) if base is not None else None
     parts = [p for p in (head, frame, tail) if p is not None and not p.empty]
     if not parts:
         return pd.DataFrame(columns=LEADERBOARD_COLUMNS + ["pareto"])
@@ -109,7 +111,7 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
 
 def distinct_plans(frame: pd.DataFrame) -> pd.DataFrame:
     """Leaderboard rows without cache hits: each plan once, under the trial that scored it."""
-    return frame[frame["cache_hit_of"].isna()]
+    return frame[frame[Field.CACHE_HIT_OF].isna()]
 
 
 def write_leaderboard(study: optuna.Study, directory: Path) -> pd.DataFrame:

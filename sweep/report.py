@@ -18,6 +18,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from evals.schema import Field, StudyKey
 from merge_core.layer_plan import LayerPlan
 from sweep.records import distinct_plans, leaderboard_frame
 
@@ -46,11 +47,11 @@ def plot_progress(study: optuna.Study, name: str, direction: str, path: Path) ->
     trials = sorted(study.trials, key=lambda t: t.number)
     done = [t for t in trials if t.state == TrialState.COMPLETE and name in t.user_attrs]
     ax.scatter([t.number for t in done], [t.user_attrs[name] for t in done], s=18, label="completed")
-    base_record = study.user_attrs.get("base", {})
-    if name == "ppl" and base_record.get("ppl_early"):  # early ppl is on fewer windows: put it on the full scale
-        scale = base_record["ppl"] / base_record["ppl_early"]
-        pruned = [t for t in trials if t.state == TrialState.PRUNED and np.isfinite(t.user_attrs.get("ppl_early", np.nan))]
-        ax.scatter([t.number for t in pruned], [scale * t.user_attrs["ppl_early"] for t in pruned], marker="x", color="tab:orange",
+    base_record = study.user_attrs.get(StudyKey.BASE, {})
+    if name == Field.PPL and base_record.get(Field.PPL_EARLY):  # early ppl is on fewer windows: put it on the full scale
+        scale = base_record[Field.PPL] / base_record[Field.PPL_EARLY]
+        pruned = [t for t in trials if t.state == TrialState.PRUNED and np.isfinite(t.user_attrs.get(Field.PPL_EARLY, np.nan))]
+        ax.scatter([t.number for t in pruned], [scale * t.user_attrs[Field.PPL_EARLY] for t in pruned], marker="x", color="tab:orange",
                    label="pruned (early ppl x base ppl / base early ppl)")  # fmt: skip
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     for number in failed:
@@ -66,7 +67,7 @@ def plot_progress(study: optuna.Study, name: str, direction: str, path: Path) ->
     if base is not None:
         ax.axhline(base, color="gray", ls="--", label="base model")
     shown = [y for collection in ax.collections for y in collection.get_offsets()[:, 1]]
-    if name == "ppl" and shown and max(shown) > 5 * min(shown):  # gibberish plans are 100x: keep the good ones readable
+    if name == Field.PPL and shown and max(shown) > 5 * min(shown):  # gibberish plans are 100x: keep the good ones readable
         ax.set_yscale("log")
     ax.set_xlabel("trial" + (f"  (red lines: {len(failed)} failed)" if failed else ""))
     ax.set_ylabel(name)
@@ -80,10 +81,10 @@ def plot_depth(frame: pd.DataFrame, name: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     merged = frame[frame["state"] == "COMPLETE"]
     on_front = merged["pareto"].fillna(False).astype(bool)
-    ax.scatter(merged.loc[~on_front, "n_layers"], merged.loc[~on_front, name], s=18, label="merge")
-    ax.scatter(merged.loc[on_front, "n_layers"], merged.loc[on_front, name], s=30, color="tab:green", label="on the Pareto front (leaderboard column)")
+    ax.scatter(merged.loc[~on_front, Field.N_LAYERS], merged.loc[~on_front, name], s=18, label="merge")
+    ax.scatter(merged.loc[on_front, Field.N_LAYERS], merged.loc[on_front, name], s=30, color="tab:green", label="on the Pareto front (leaderboard column)")
     base = frame[frame["state"] == "BASE"]
-    ax.scatter(base["n_layers"], base[name], marker="*", s=160, color="black", label="base model")
+    ax.scatter(base[Field.N_LAYERS], base[name], marker="*", s=160, color="black", label="base model")
     ax.set_xlabel("output depth (layers)")
     ax.set_ylabel(name)
     ax.set_title(f"{name} against depth")
@@ -133,7 +134,7 @@ def plot_layer_maps(frame: pd.DataFrame, name: str, n_base: int, path: Path, top
     if merged.empty:
         return None
     rows = [("base", LayerPlan.identity(n_base), frame[frame["state"] == "BASE"][name].iloc[0] if (frame["state"] == "BASE").any() else None)]
-    rows += [(f"#{int(r['rank'])} trial {r['trial']}", LayerPlan.parse(r["plan"]), r[name]) for _, r in merged.iterrows()]
+    rows += [(f"#{int(r['rank'])} trial {r['trial']}", LayerPlan.parse(r[Field.PLAN]), r[name]) for _, r in merged.iterrows()]
     width = max(plan.n_layers for _, plan, _ in rows)
     grid = np.full((len(rows), width), np.nan)
     for i, (_, plan, _) in enumerate(rows):
@@ -161,7 +162,7 @@ def prior_agreement(frame: pd.DataFrame, name: str, direction: str, directory: P
     if not csv.is_file() or len(scored) < 3:
         return ""
     importance = LayerImportance.read(csv)
-    cost = scored["plan"].map(lambda text: importance.plan_cost(LayerPlan.parse(text)))
+    cost = scored[Field.PLAN].map(lambda text: importance.plan_cost(LayerPlan.parse(text)))
     signed = scored[name] if direction == "minimize" else -scored[name]
     rho = cost.rank().corr(signed.rank())
     best = signed.idxmin()
@@ -173,11 +174,11 @@ def prior_agreement(frame: pd.DataFrame, name: str, direction: str, directory: P
 
 
 def write_report(study: optuna.Study, directory: Path) -> Path:
-    names = study.user_attrs.get("objectives", ["ppl"])
+    names = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])
     directions = [d.name.lower() for d in study.directions]
     frame = leaderboard_frame(study, directory)
     plots = {"progress": plot_progress(study, names[0], directions[0], directory / "progress.png")}
-    depth_metric = "ppl" if frame["ppl"].notna().any() else names[0]
+    depth_metric = Field.PPL if frame[Field.PPL].notna().any() else names[0]
     if (frame["state"] == "COMPLETE").any():
         plots["depth"] = plot_depth(frame, depth_metric, directory / "depth.png")
         if len(names) > 1:
@@ -188,8 +189,8 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
             plots[key] = made
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     summary = ", ".join(f"{n} {s.lower()}" for s, n in states.items())
-    scoring = study.user_attrs.get("scoring", {})
-    distinct = distinct_plans(frame).drop(columns=["model_file", "cache_hit_of"]).dropna(axis=1, how="all")
+    scoring = study.user_attrs.get(StudyKey.SCORING, {})
+    distinct = distinct_plans(frame).drop(columns=["model_file", Field.CACHE_HIT_OF]).dropna(axis=1, how="all")
     table = distinct.head(25).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
     images = "\n".join(f'<h2>{key.replace("_", " ")}</h2>\n<img src="{p.name}" alt="{key}">' for key, p in plots.items())
     prior = prior_agreement(frame, names[0], directions[0], directory)

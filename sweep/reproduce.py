@@ -8,6 +8,8 @@ from pathlib import Path
 
 import optuna
 
+from evals.registry import EVALS
+from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError
 from merge_core.export import FORMATS, write_plan
 from merge_core.layer_plan import LayerPlan
@@ -17,7 +19,6 @@ from sweep.config import BackendConfig
 from sweep.records import merged_trials
 from sweep.scoring import TrialScorer, eval_config_from_fingerprint
 
-SCORES = ("ppl", "eqbench", "eqbench_parse_rate")
 SUFFIXES = {"gguf": ".gguf", "safetensors": "", "mergekit": ".mergekit.yml"}
 
 
@@ -27,7 +28,7 @@ def pick_trial(study: optuna.Study, trial_number: int | None):
     if trial_number is None:
         if not completed:
             raise SelfMergeError("the sweep has no completed trial yet")
-        name = study.user_attrs.get("objectives", ["ppl"])[0]
+        name = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])[0]
         sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
         return min(completed, key=lambda t: sign * t.user_attrs[name])
     for trial in completed:
@@ -49,7 +50,7 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
               formats: list[str] | None = None) -> dict:  # fmt: skip
     """``formats`` default: what the sweep scored (GGUF for llama_cpp, safetensors for torch) and the YAML."""
     trial = pick_trial(study, trial_number)
-    scoring = study.user_attrs.get("scoring")
+    scoring = study.user_attrs.get(StudyKey.SCORING)
     if not scoring:
         raise SelfMergeError("this study has no scoring record; it was not written by selfmerge sweep")
     source = _base_source(scoring)
@@ -58,10 +59,10 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise SelfMergeError(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
-    plan = LayerPlan.parse(trial.user_attrs["plan"])
+    plan = LayerPlan.parse(trial.user_attrs[Field.PLAN])
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{results_dir.name}-trial{trial.number}"
-    hf_id = study.user_attrs.get("model_hf_id", str(source))
+    hf_id = study.user_attrs.get(StudyKey.MODEL_HF_ID, str(source))
 
     backend = make_backend(str(source), backend_config, results_dir)  # an HF base converts once, into results_dir/base
     written = []
@@ -81,9 +82,9 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
         quant = backend_config.quant if fmt == "gguf" and not source.suffix == ".gguf" else None
         written.append(write_plan(source, plan, target, fmt, hf_id, quant=quant, convert_type=backend_config.convert_type, progress=True))
     scores = TrialScorer(eval_config_from_fingerprint(scoring, threads), backend.base, 0, backend.open_model)(model, progress=True)
-    record = {"trial": trial.number, "plan": str(plan), "written": [str(p) for p in written]}
+    record = {"trial": trial.number, Field.PLAN: str(plan), "written": [str(p) for p in written]}
     print(f"trial {trial.number}  plan {plan}  ({plan.n_layers} layers, {backend_config.kind} backend)")
-    for name in SCORES:
+    for name in (score for spec in EVALS.values() for score in spec.scores):
         if name in scores:
             stored, again = trial.user_attrs[name], scores[name]
             record[f"stored_{name}"], record[f"reproduced_{name}"] = stored, again

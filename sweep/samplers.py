@@ -18,6 +18,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
 from merge_core.errors import SelfMergeError
+from sweep.optuna_access import set_system_attr
 from sweep.spaces import SearchSpace
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "nsga2")
@@ -50,8 +51,8 @@ class PlanGridSampler(optuna.samplers.BaseSampler):
         taken = {t.system_attrs.get("grid_index") for t in study.get_trials(deepcopy=False)}
         for index, params in enumerate(self._order):
             if index not in taken:
-                study._storage.set_trial_system_attr(trial._trial_id, "grid_index", index)
-                study._storage.set_trial_system_attr(trial._trial_id, "grid_params", params)
+                set_system_attr(study, trial, "grid_index", index)
+                set_system_attr(study, trial, "grid_params", params)
                 return
 
     def sample_independent(self, study, trial, param_name, param_distribution):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import random
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from evals.schema import StudyKey
 from merge_core.errors import SelfMergeError
 from sweep.config import SweepConfig
+from sweep.optuna_access import fail_and_retry
 
 
 STORAGE_ATTEMPTS = 5  # several workers starting together race to create the RDB schema
@@ -52,6 +56,36 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
             if attempt == STORAGE_ATTEMPTS - 1:
                 raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
             time.sleep(0.2 * 2**attempt + random.random() * 0.2)
+
+
+def _differences(stored, wanted, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        keys = sorted(set(stored) | set(wanted))
+        return [d for k in keys for d in _differences(stored.get(k), wanted.get(k), f"{prefix}{k}.")]
+    return [] if stored == wanted else [f"{prefix.rstrip('.')} was {stored}, now {wanted}"]
+
+
+def open_sweep_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler,
+                     pruner: Optional[optuna.pruners.BasePruner], fingerprint: dict,
+                     n_base_layers: int) -> optuna.Study:  # fmt: skip
+    """The sweep's study, new or resumed. A resumed one must score as this config does (``fingerprint``,
+    sweep/scoring.py) and optimise the same objectives; the error names what changed."""
+    study = open_study(config, sampler, pruner)
+    name = config.sweep.name
+    stored = study.user_attrs.get(StudyKey.SCORING)
+    if stored is None:  # the fingerprint last: a worker joining at this moment reads it as "all written"
+        study.set_user_attr(StudyKey.MODEL_HF_ID, config.model.hf_id)
+        study.set_user_attr(StudyKey.N_BASE_LAYERS, n_base_layers)
+        study.set_user_attr(StudyKey.OBJECTIVES, config.objective_names)
+        study.set_user_attr(StudyKey.SCORING, fingerprint)
+    elif stored != fingerprint:
+        changes = "; ".join(_differences(stored, fingerprint))
+        raise SelfMergeError(f"sweep {name!r} cannot resume with other scoring ({changes}): use another sweep.name")
+    objectives = study.user_attrs[StudyKey.OBJECTIVES]
+    if objectives != config.objective_names:
+        wanted = config.objective_names
+        raise SelfMergeError(f"sweep {name!r} optimises {objectives}, not {wanted}: use another sweep.name")
+    return study
 
 
 def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
@@ -108,13 +142,18 @@ class SweepLock:
         self._file.close()
 
 
+@contextlib.contextmanager
+def sweep_lock(url: str) -> Iterator[Optional[SweepLock]]:
+    """The lock beside a SQLite study for the sweep's lifetime; None for other storages."""
+    lock = SweepLock.for_url(url)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def retry_orphaned_trials(study: optuna.Study) -> list[int]:
     """Fail every RUNNING trial (their workers are gone) and enqueue each for one retry."""
-    storage, retry = study._storage, RetryHeartbeatStaleTrialCallback(max_retry=1)
-    orphans = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_system_attr(trial._trial_id, "fail_reason", "worker died during the trial")
-        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            retry(study, storage.get_trial(trial._trial_id))
-            orphans.append(trial.number)
-    return orphans
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [t.number for t in running if fail_and_retry(study, t, "worker died during the trial")]

@@ -13,24 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from evals.schema import Field
 from merge_core.layer_plan import LayerPlan
-from sweep.backends import LlamaCppBackend, TorchBackend
+from sweep.backends import Backend
 from sweep.scoring import TrialScorer
 
 
 def merge_record(plan: LayerPlan, merge_seconds: float, file_bytes: int) -> dict:
     return {
-        "plan": str(plan),
-        "n_layers": plan.n_layers,
-        "merge_seconds": round(merge_seconds, 3),
-        "file_mb": round(file_bytes / 2**20, 1),
-        "worker": socket.gethostname(),
+        Field.PLAN: str(plan),
+        Field.N_LAYERS: plan.n_layers,
+        Field.MERGE_SECONDS: round(merge_seconds, 3),
+        Field.FILE_MB: round(file_bytes / 2**20, 1),
+        Field.WORKER: socket.gethostname(),
     }
 
 
 @dataclass
 class TrialWork:
-    backend: LlamaCppBackend | TorchBackend
+    backend: Backend
     scorer: TrialScorer
     base: Optional[dict] = None  # the base model's record, for ratios; set once it is scored
 

@@ -18,6 +18,9 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from evals.schema import Field
+from sweep.optuna_access import read_trial
+
 log = logging.getLogger("selfmerge")
 POLL_SECONDS = 0.5
 
@@ -33,24 +36,22 @@ class TwinPlans:
         """The finished twin whose result this trial takes, or None: this trial evaluates the plan."""
         study = trial.study
         twins = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                 if t.user_attrs.get("plan") == plan and t.number != trial.number]  # fmt: skip
+                 if t.user_attrs.get(Field.PLAN) == plan and t.number != trial.number]  # fmt: skip
         lower = [t.number for t in twins if t.number < trial.number]
         if lower:
-            trial.set_user_attr("claim", "wait")
+            trial.set_user_attr(Field.CLAIM, "wait")
             return self._finished(study, min(lower))
-        trial.set_user_attr("claim", "evaluate")
+        trial.set_user_attr(Field.CLAIM, "evaluate")
         for twin in sorted(t.number for t in twins if t.number > trial.number):
             if self._decision(study, twin) == "evaluate":
-                trial.set_user_attr("claim", "wait")
+                trial.set_user_attr(Field.CLAIM, "wait")
                 return self._finished(study, twin)
         return None
 
     def _poll(self, study: optuna.Study, number: int, done: Callable[[FrozenTrial], bool]) -> FrozenTrial:
-        storage = study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
         last_check = time.monotonic()
         while True:
-            trial = storage.get_trial(trial_id)
+            trial = read_trial(study, number)
             if done(trial):
                 return trial
             if time.monotonic() - last_check > self.heartbeat_seconds:
@@ -66,5 +67,5 @@ class TwinPlans:
 
     def _decision(self, study: optuna.Study, number: int) -> str:
         """A twin's claim once written: evaluate | wait; "finished" if it ended first."""
-        trial = self._poll(study, number, lambda t: "claim" in t.user_attrs or t.state.is_finished())
-        return "finished" if trial.state.is_finished() else trial.user_attrs["claim"]
+        trial = self._poll(study, number, lambda t: Field.CLAIM in t.user_attrs or t.state.is_finished())
+        return "finished" if trial.state.is_finished() else trial.user_attrs[Field.CLAIM]

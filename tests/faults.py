@@ -21,16 +21,16 @@ def trial_number(out: Path) -> int:
     return int(out.stem.split("_")[1])  # models/trial_<n>.gguf
 
 
-class NaNPerplexity:
-    """A perplexity eval whose every score is NaN (as a broken model's logits give)."""
+def nan_perplexity(evaluation) -> None:
+    """Make a perplexity eval's every full score NaN (as a broken model's logits give)."""
+    real = evaluation.staged
 
-    def __init__(self, real):
-        self.real = real
-
-    def staged(self, model_path, early_windows, stop, progress=False):
-        early, full = self.real.staged(model_path, early_windows, lambda ppl: False, progress)
+    def staged(model_path, early_windows, stop, progress=False):
+        early, full = real(model_path, early_windows, lambda ppl: False, progress)
         nan = PerplexityResult(float("nan"), float("nan"), full.n_windows, full.n_ctx, full.n_tokens_scored, full.n_tokens_evaluated, full.seconds)
         return early, nan
+
+    evaluation.staged = staged
 
 
 class FaultyWork(TrialWork):
@@ -49,7 +49,7 @@ class FaultyWork(TrialWork):
         if n == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         if n == 3:
-            self.scorer.ppl = NaNPerplexity(self.scorer.ppl)
+            nan_perplexity(self.scorer.evaluations[0])  # perplexity runs first (evals/registry.py)
         if n == 4:
             hog = bytearray(64 * 2**30)  # far beyond trial.max_memory
             hog[-1] = 1

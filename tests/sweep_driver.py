@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sweep.callbacks as callbacks  # noqa: E402
 import sweep.runner as runner  # noqa: E402
 from faults import PhaseMarks  # noqa: E402
 from sweep.config import compose, load_config  # noqa: E402
@@ -24,18 +25,17 @@ def main() -> None:
     results, text, n_trials, marks, pause = sys.argv[1:6]
     marks, pause = Path(marks), float(pause)
     marks.mkdir(parents=True, exist_ok=True)
-    write_leaderboard = runner.write_leaderboard
+    write_leaderboard = callbacks.write_leaderboard
     written = []
 
     def marked_leaderboard(study, directory):
         frame = write_leaderboard(study, directory)
         written.append(1)
-        if len(written) > 1:  # the first is written before any trial
-            (marks / f"between-{len(written) - 1}").touch()
-            time.sleep(pause)
+        (marks / f"between-{len(written)}").touch()
+        time.sleep(pause)
         return frame
 
-    runner.write_leaderboard = marked_leaderboard
+    callbacks.write_leaderboard = marked_leaderboard  # the after-trial callback's; the runner's own first write stays
     config = load_config(compose(fast_overrides("killed", Path(text), int(n_trials), Path(results))))
     runner.Sweep(config, work_type=functools.partial(PhaseMarks, marks=marks, pause=pause)).run()
 

@@ -19,7 +19,7 @@ from conftest import REPO, fast_overrides, run_cli
 from pg_server import PostgresServer, find_bin_dir
 from sweep.study import load_study
 
-DRIVER = Path(__file__).resolve().parent / "worker_driver.py"
+DRIVER = REPO / "tests" / "worker_driver.py"
 N_TRIALS = 12
 
 

@@ -25,16 +25,16 @@ def _sweep(tmp_path, text, name, n_trials, *extra):
 
 
 def _count_evaluations(monkeypatch):
-    import sweep.scoring as scoring
+    from evals.ppl_eval import PerplexityEval
 
     scored = []
-    real = scoring.PerplexityEval.staged
+    real = PerplexityEval.staged
 
     def counting(self, path, *args, **kwargs):
         scored.append(path.name)
         return real(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(scoring.PerplexityEval, "staged", counting)
+    monkeypatch.setattr(PerplexityEval, "staged", counting)
     return scored
 
 

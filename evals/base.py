@@ -1,0 +1,47 @@
+"""The contract between the sweep and an evaluation, declared where they meet.
+
+An evaluation is built once per sweep from its config section (``eval.<name>``): the text is
+tokenized, the items loaded, once. Then ``record`` scores one model (the base, or a merged plan)
+and returns flat record fields (evals/schema.py). The base model and every plan are scored by the
+same object, so their numbers compare. ``EvalSpec`` is the registry's row for it (evals/registry.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+StopEarly = Callable[[float], bool]  # given a first-stage score, True stops the scoring there
+
+
+def never(value: float) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every evaluation is built with, besides its own config."""
+
+    base_model: Any  # what the backend scores as the base (a GGUF path, a loaded model): tokenizer, fit checks
+    open_model: Callable  # the backend's opener: model -> a context manager over a scorable model
+    early_windows: int = 0  # > 0: perplexity in two stages, stop_early asked after the first
+
+
+class Evaluation(Protocol):
+    def record(self, model: Any, base: Optional[Mapping], progress: bool = False,
+               stop_early: StopEarly = never) -> dict:  # fmt: skip
+        """Record fields for ``model``; ``base`` is the base model's record (for ratios), None when
+        scoring the base itself. An evaluation that honours ``stop_early`` and is stopped returns
+        its first-stage fields and ``Field.PRUNED: True``. Raises on a score that is not a number."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    name: str  # eval=<name>, conf/eval/<name>.yaml, and the record field of its objective
+    config: type  # frozen dataclass of eval.<name>; its __post_init__ refuses bad values, naming the key
+    build: Callable[[Any, EvalContext], Evaluation]
+    direction: Callable[[Any], str]  # the objective's direction (minimize | maximize), from the config
+    columns: tuple[str, ...]  # leaderboard columns, the objective first
+    scores: tuple[str, ...]  # fields ``selfmerge reproduce`` re-scores and compares
+    seconds: str  # the field holding its wall time (trial.timeout=auto, cache hits)

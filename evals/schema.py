@@ -1,0 +1,64 @@
+"""Record keys: the name of every field a trial's record holds, in one table (as gguf-py's ``Keys``).
+
+A record is what one trial leaves: Optuna user attributes in the study, ``trials/N.json``, and a
+row of the leaderboard. Evaluations, the trial's merge step and the sweep's bookkeeping all write
+fields here; readers (leaderboard, report, reproduce) read them by these names. It lives on the
+evals floor, the lowest that writes a record, so every writer and reader can import it.
+"""
+
+from __future__ import annotations
+
+
+class Field:
+    # the merged model (sweep/trial_work.py)
+    PLAN = "plan"  # canonical plan string, e.g. "0-16,8-30": the cache key
+    N_LAYERS = "n_layers"
+    MERGE_SECONDS = "merge_seconds"
+    FILE_MB = "file_mb"
+    WORKER = "worker"  # host:pid of the sweep process that ran the trial
+    PEAK_RSS_MB = "peak_rss_mb"  # of the trial's child process
+
+    # perplexity (evals/ppl_eval.py); its name doubles as the eval's and the objective's
+    PPL = "ppl"
+    PPL_EARLY = "ppl_early"  # on the first prune.early_windows windows
+    PPL_VS_BASE = "ppl_vs_base"
+    TOKENS_PER_SECOND = "tokens_per_second"
+    N_TOKENS_SCORED = "n_tokens_scored"
+    EVAL_SECONDS = "eval_seconds"
+    PRUNED = "pruned"  # the scoring stopped after the early stage
+
+    # EQ-Bench (evals/eqbench_eval.py)
+    EQBENCH = "eqbench"
+    EQBENCH_PARSE_RATE = "eqbench_parse_rate"
+    EQBENCH_USED = "eqbench_used"  # first_pass | revised
+    EQBENCH_FIRST_PASS = "eqbench_first_pass"
+    EQBENCH_REVISED = "eqbench_revised"
+    EQBENCH_SECONDS = "eqbench_seconds"
+    EQBENCH_ITEMS = "eqbench_items"  # per-item records: why a plan scored as it did
+
+    # lm-eval (evals/lm_eval_bridge.py)
+    LM_EVAL = "lm_eval"
+    LM_EVAL_TASKS = "lm_eval_tasks"
+    LM_EVAL_SECONDS = "lm_eval_seconds"
+
+    # the sweep's bookkeeping (sweep/)
+    CACHE_HIT_OF = "cache_hit_of"  # the trial that scored this plan first
+    CLAIM = "claim"  # evaluate | wait: a plan another worker is scoring (sweep/twins.py)
+    ERROR = "error"  # why a trial failed
+    FAIL_REASON = "fail_reason"  # system attribute: a dead worker's trial
+    MODEL_PATH = "model_path"  # the merged file, while it is kept
+    ENQUEUED = "enqueued"
+    PRIOR_RANK = "prior_rank"
+    PRIOR_COST = "prior_cost"
+    REPAIRED_PARAMS = "repaired_params"
+
+
+class StudyKey:
+    """Study-wide user attributes."""
+
+    BASE = "base"  # the base model's record, scored once per sweep
+    SCORING = "scoring"  # what makes scores comparable (model, backend, eval configs); written last
+    OBJECTIVES = "objectives"
+    MODEL_HF_ID = "model_hf_id"
+    N_BASE_LAYERS = "n_base_layers"
+    PRIOR_ENQUEUED = "prior_enqueued"

@@ -1,0 +1,129 @@
+"""The architecture table: what selfmerge knows of each model family, as data.
+
+Every path reads this one module: the GGUF merge, the safetensors passthrough, HF-to-GGUF
+conversion, the torch backend, shape and size estimates, and the refusal message. Which tensors
+are layer ``i`` is one answer (``LayerNames.split``); the re-ordered tensor list of a plan is one
+function (``plan_tensors``). Adding a family is one ``Architecture`` entry plus its tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence, TypeVar
+
+from merge_core.errors import SelfMergeError
+from merge_core.layer_plan import LayerPlan
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """How one format names a layer's tensors: ``<prefix><index>.<suffix>``."""
+
+    prefix: str
+    pattern: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", re.compile(rf"^{re.escape(self.prefix)}(\d+)\.(.+)$"))
+
+    def split(self, name: str) -> Optional[tuple[int, str]]:
+        """(layer index, suffix) of a layer tensor's name; None for a tensor outside the layers."""
+        match = self.pattern.match(name)
+        return (int(match.group(1)), match.group(2)) if match else None
+
+    def name(self, index: int, suffix: str) -> str:
+        return f"{self.prefix}{index}.{suffix}"
+
+
+HF_LAYERS = LayerNames("model.layers.")  # transformers' decoder stack
+GGUF_LAYERS = LayerNames("blk.")  # every llama.cpp architecture (gguf-py's TENSOR_NAMES)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the family, as users say it
+    hf_classes: tuple[str, ...]  # transformers ``*ForCausalLM`` classes (config.json "architectures")
+    model_types: tuple[str, ...]  # config.json "model_type"
+    gguf_arch: str  # llama.cpp's general.architecture
+    permute_qk: bool  # llama.cpp wants q/k rows interleaved (HF stores them for rotate-half RoPE)
+    tied_embeddings: bool = False  # tie_word_embeddings when config.json does not say (transformers' default)
+    hf_layers: LayerNames = HF_LAYERS
+    gguf_layers: LayerNames = GGUF_LAYERS
+
+
+ARCHITECTURES = (
+    Architecture("llama", ("LlamaForCausalLM",), ("llama",), gguf_arch="llama", permute_qk=True),
+    Architecture("mistral", ("MistralForCausalLM",), ("mistral",), gguf_arch="llama", permute_qk=True),
+    Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), gguf_arch="qwen2", permute_qk=False),
+)
+_BY_CLASS = {cls: arch for arch in ARCHITECTURES for cls in arch.hf_classes}
+_BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
+SUPPORTED = tuple(_BY_CLASS)
+
+
+def find(hf_class: Optional[str] = None, model_type: Optional[str] = None) -> Optional[Architecture]:
+    """The entry for a transformers class name (or, when a config names none, its ``model_type``)."""
+    return _BY_CLASS.get(hf_class) if hf_class else _BY_MODEL_TYPE.get(model_type or "")
+
+
+def of_config(config: dict) -> Architecture:
+    """The entry of a config.json; a clear error naming the architecture and the supported list."""
+    hf_class = (config.get("architectures") or [None])[0]
+    arch = find(hf_class, config.get("model_type"))
+    if arch is None:
+        raise unsupported(hf_class or config.get("model_type") or "(none in config.json)")
+    return arch
+
+
+def unsupported(name: str) -> SelfMergeError:
+    return SelfMergeError(f"architecture {name} is not supported; supported: {', '.join(SUPPORTED)}")
+
+
+def hf_layer_names(config: dict) -> LayerNames:
+    """Layer naming of an HF checkpoint; a family not in the table is read with transformers' usual one
+    (the safetensors passthrough needs nothing more)."""
+    arch = find((config.get("architectures") or [None])[0], config.get("model_type"))
+    return arch.hf_layers if arch else HF_LAYERS
+
+
+def gguf_layer_names(gguf_arch: str) -> LayerNames:
+    return next((arch.gguf_layers for arch in ARCHITECTURES if arch.gguf_arch == gguf_arch), GGUF_LAYERS)
+
+
+class Named(Protocol):
+    name: str
+
+
+T = TypeVar("T", bound=Named)
+
+
+def plan_tensors(tensors: Sequence[T], plan: LayerPlan, names: LayerNames) -> list[tuple[str, T]]:
+    """The one re-order planner: (output name, source tensor) for ``plan``. Tensors outside the
+    layers stay in place; the plan's layers are written where the source's layers began, each with
+    its tensors in source order. A layer the plan uses twice appears twice (its own copy)."""
+    layers: dict[int, list[tuple[str, T]]] = {}
+    for tensor in tensors:
+        split = names.split(tensor.name)
+        if split is not None:
+            layers.setdefault(split[0], []).append((split[1], tensor))
+    order: list[tuple[str, T]] = []
+    layers_written = False
+    for tensor in tensors:
+        if names.split(tensor.name) is None:
+            order.append((tensor.name, tensor))
+        elif not layers_written:
+            layers_written = True
+            for out_index, base_index in enumerate(plan.layer_indices):
+                order.extend((names.name(out_index, suffix), source) for suffix, source in layers[base_index])
+    return order
+
+
+def merged_config(config: dict, plan: LayerPlan) -> dict:
+    """config.json of the merge: ``num_hidden_layers`` and every per-layer list (one item per base
+    layer, e.g. ``layer_types``) follow the plan. The rule is generic, so no family lists its keys."""
+    n_base = int(config["num_hidden_layers"])
+    merged = dict(config, num_hidden_layers=plan.n_layers)
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == n_base and n_base > 1 and key != "architectures":
+            merged[key] = [value[i] for i in plan.layer_indices]
+    return merged
