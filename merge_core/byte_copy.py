@@ -3,7 +3,11 @@ so tensor bytes never pass through Python and memory stays flat whatever the mod
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from pathlib import Path
+from typing import Iterator
 
 from merge_core.errors import SelfMergeError
 
@@ -31,3 +35,27 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, n_bytes: int) -> None:
             copied = len(chunk)
         src_offset += copied
         n_bytes -= copied
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def written_as_partial(final: Path, folder: bool = False) -> Iterator[Path]:
+    """Write under ``<final>.partial`` (a file, or a folder with ``folder``), renamed to ``final``
+    when the block ends. On any failure (an error, a full disk, Ctrl-C) the partial is removed, so
+    no command leaves half a model behind, and a crash never leaves one under the final name."""
+    partial = final.with_name(final.name + ".partial")
+    _remove(partial)  # left by a process that was killed
+    if folder:
+        partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        _remove(partial)
+        raise
+    os.replace(partial, final)

@@ -8,16 +8,15 @@ is read, converted and written, so memory holds one tensor, not the model.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from merge_core.errors import SelfMergeError
+from merge_core.byte_copy import written_as_partial
+from merge_core.errors import SelfMergeError, read_json
 from merge_core.hf_checkpoint import HFCheckpoint
 
 OUT_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}
@@ -86,7 +85,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise SelfMergeError(f"{folder} has no tokenizer.json: GGUF conversion needs the fast tokenizer file")
-    tokenizer_json = json.loads(path.read_text())
+    tokenizer_json = read_json(path)
     model = tokenizer_json.get("model", {})
     if model.get("type") != "BPE":
         raise SelfMergeError(f"tokenizer model {model.get('type')!r} is not supported for GGUF conversion (byte-level or SentencePiece-style BPE)")
@@ -152,33 +151,32 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    writer = gguf.GGUFWriter(partial, arch.gguf_arch)
-    _add_hparams(writer, config, config.get("_name_or_path") or checkpoint.folder.name, file_type)
-    _add_tokenizer(writer, checkpoint.folder, config["vocab_size"])
-    for hf_name, gguf_name, ggml_type in plan:
-        shape = checkpoint.tensors[hf_name].shape
-        n_bytes = int(np.prod(shape)) * (4 if ggml_type == gguf.GGMLQuantizationType.F32 else 2)
-        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16), n_bytes, raw_dtype=ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    files: dict[Path, object] = {}
-    try:
-        for hf_name, gguf_name, ggml_type in tqdm(plan, desc="convert to GGUF", unit="tensor", disable=not progress, leave=False):
-            entry = checkpoint.tensors[hf_name]
-            if entry.file not in files:
-                files[entry.file] = safe_open(entry.file, framework="pt")
-            tensor = files[entry.file].get_tensor(hf_name).float()
-            if arch.permute_qk and hf_name.endswith("q_proj.weight"):
-                tensor = _rope_to_interleaved(tensor, n_head)
-            elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
-                tensor = _rope_to_interleaved(tensor, n_head_kv)
-            writer.write_tensor_data(_encode(tensor, ggml_type))
-    finally:
-        writer.close()
-    os.replace(partial, out_path)
+    with written_as_partial(out_path) as partial:
+        writer = gguf.GGUFWriter(partial, arch.gguf_arch)
+        _add_hparams(writer, config, config.get("_name_or_path") or checkpoint.folder.name, file_type)
+        _add_tokenizer(writer, checkpoint.folder, config["vocab_size"])
+        for hf_name, gguf_name, ggml_type in plan:
+            shape = checkpoint.tensors[hf_name].shape
+            n_bytes = int(np.prod(shape)) * (4 if ggml_type == gguf.GGMLQuantizationType.F32 else 2)
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16), n_bytes, raw_dtype=ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        files: dict[Path, object] = {}
+        try:
+            for hf_name, gguf_name, ggml_type in tqdm(plan, desc="convert to GGUF", unit="tensor", disable=not progress, leave=False):
+                entry = checkpoint.tensors[hf_name]
+                if entry.file not in files:
+                    files[entry.file] = safe_open(entry.file, framework="pt")
+                tensor = files[entry.file].get_tensor(hf_name).float()
+                if arch.permute_qk and hf_name.endswith("q_proj.weight"):
+                    tensor = _rope_to_interleaved(tensor, n_head)
+                elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
+                    tensor = _rope_to_interleaved(tensor, n_head_kv)
+                writer.write_tensor_data(_encode(tensor, ggml_type))
+        finally:
+            writer.close()
     return out_path
 
 

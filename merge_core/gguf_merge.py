@@ -8,14 +8,13 @@ whatever the model size and quantized blocks are never dequantized.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from merge_core.architectures import gguf_layer_names, plan_tensors
-from merge_core.byte_copy import copy_range, write_all
+from merge_core.byte_copy import copy_range, write_all, written_as_partial
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import (
     ARRAY,
@@ -103,14 +102,12 @@ def merge_gguf(base_path: str | Path, plan: LayerPlan, out_path: str | Path) -> 
         offset = align_up(offset + source.n_bytes, alignment)
     out += b"\0" * (align_up(len(out), alignment) - len(out))
 
-    tmp_path = out_path.with_name(out_path.name + ".partial")
-    with open(header.path, "rb") as src, open(tmp_path, "wb") as dst:
+    with written_as_partial(out_path) as partial, open(header.path, "rb") as src, open(partial, "wb") as dst:
         src_fd, dst_fd = src.fileno(), dst.fileno()
         write_all(dst_fd, out)
         for src_offset, n_bytes, padding in _copy_runs(order, alignment):
             copy_range(src_fd, dst_fd, header.data_start + src_offset, n_bytes)
             write_all(dst_fd, b"\0" * padding)
-    os.replace(tmp_path, out_path)
     return out_path
 
 

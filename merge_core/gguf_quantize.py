@@ -16,6 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from merge_core.byte_copy import written_as_partial
 from merge_core.errors import SelfMergeError
 
 QUANT_MODES = ("reuse", "requantize")
@@ -43,17 +44,15 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, threads
     quant = check_quant_type(quant)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_types()[quant]
     params.nthread = threads or os.cpu_count() or 1
-    with _stderr_captured() as log:
-        status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(partial).encode(), ctypes.byref(params))
-    if status != 0:
-        partial.unlink(missing_ok=True)
-        tail = " | ".join(log[-3:])
-        raise SelfMergeError(f"llama.cpp could not quantize {in_path} to {quant} (status {status}): {tail}")
-    os.replace(partial, out_path)
+    with written_as_partial(out_path) as partial:
+        with _stderr_captured() as log:
+            status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(partial).encode(), ctypes.byref(params))
+        if status != 0:
+            tail = " | ".join(log[-3:])
+            raise SelfMergeError(f"llama.cpp could not quantize {in_path} to {quant} (status {status}): {tail}")
     return out_path
 
 

@@ -3,10 +3,9 @@ GGUF base can also give safetensors self-merges and feed the torch backend from 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+from merge_core.byte_copy import written_as_partial
 from merge_core.errors import SelfMergeError
 
 
@@ -19,9 +18,7 @@ def export_hf_folder(gguf_path: str | Path, out_dir: str | Path, dtype: str = "f
     model, tokenizer = load_causal_lm(gguf_path, dtype, "cpu")
     model.config.quantization_config = None  # dequantized: the folder holds plain weights
     del model.config.quantization_config
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.replace(partial, out_dir)
+    with written_as_partial(out_dir) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return out_dir

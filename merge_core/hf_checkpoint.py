@@ -11,7 +11,7 @@ from pathlib import Path
 
 from merge_core import architectures
 from merge_core.architectures import Architecture, LayerNames
-from merge_core.errors import SelfMergeError
+from merge_core.errors import SelfMergeError, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -57,9 +57,11 @@ class HFCheckpoint:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise SelfMergeError(f"{folder} is not a Hugging Face model folder: config.json is missing")
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise SelfMergeError(f"{config_path} is not a model config: it holds a JSON {type(config).__name__}, not an object")
         if (folder / INDEX_FILE).is_file():
-            weight_map = json.loads((folder / INDEX_FILE).read_text()).get("weight_map", {})
+            weight_map = read_json(folder / INDEX_FILE).get("weight_map", {})
             files = list(dict.fromkeys(weight_map.values()))
         elif (folder / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from merge_core.architectures import merged_config, plan_tensors
-from merge_core.byte_copy import copy_range, write_all
+from merge_core.byte_copy import copy_range, write_all, written_as_partial
 from merge_core.errors import SelfMergeError
 from merge_core.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, SafetensorsEntry
 from merge_core.layer_plan import LayerPlan
@@ -89,10 +89,13 @@ def merge_safetensors(source: str | Path, plan: LayerPlan, out_dir: str | Path, 
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SelfMergeError(f"{out_dir} already exists: remove it or choose another output folder")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with written_as_partial(out_dir, folder=True) as partial:
+        _write_folder(checkpoint, plan, partial, shard_bytes, model_name, progress)
+    return out_dir
 
+
+def _write_folder(checkpoint: HFCheckpoint, plan: LayerPlan, partial: Path, shard_bytes: int, model_name: str | None,
+                  progress: bool) -> None:  # fmt: skip
     groups = shards(merged_tensors(checkpoint, plan), shard_bytes)
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     total = sum(source.n_bytes for group in groups for _, source in group)
@@ -110,5 +113,3 @@ def merge_safetensors(source: str | Path, plan: LayerPlan, out_dir: str | Path, 
     dtypes = {entry.dtype for entry in checkpoint.tensors.values()}
     dtype = MERGEKIT_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None  # mixed: mergekit must not cast
     (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name or str(checkpoint.folder), dtype))
-    os.replace(partial, out_dir)
-    return out_dir

@@ -17,6 +17,8 @@ USAGE_ERROR = 2
 
 
 def _fail(message: str) -> None:
+    """One line, whatever the message (a YAML or database error spans several)."""
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
     print(f"selfmerge: error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
 
@@ -34,32 +36,47 @@ def _quiet_optuna() -> None:
 # -- sweep ------------------------------------------------------------------------------------
 def cmd_sweep(overrides: list[str]) -> None:
     """A Hydra app, so multirun and launchers (-m hydra/launcher=joblib) work as in any Hydra app."""
+    import shutil
+
     import hydra
 
     from sweep.config import CONF_DIR, compose, load_config
     from sweep.records import leaderboard_frame
-    from sweep.runner import Sweep
+    from sweep.runner import StopSweep, Sweep
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg) -> None:
         _quiet_optuna()
+        sweep = None
         try:
             config = load_config(cfg)
-            study = Sweep(config).run()
+            sweep = Sweep(config)
+            study = sweep.run()
             print_leaderboard(leaderboard_frame(study, config.sweep.directory), top=10)
             print(f"leaderboard: {config.sweep.directory / 'leaderboard.csv'}")
         except SelfMergeError as err:
+            if fresh is not None and (sweep is None or not sweep.started):  # refused: leave no folder behind
+                shutil.rmtree(fresh, ignore_errors=True)
             _fail(str(err))
+        except StopSweep as stop:
+            print(f"selfmerge: {stop.message}", file=sys.stderr)
+            sys.exit(stop.status)
         except KeyboardInterrupt:
             print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
             sys.exit(130)
 
     overrides = [_storage_alias(o) for o in overrides]
+    fresh = None  # the sweep's folder, when this run creates it (removed again if the sweep is refused)
     if not {"-m", "--multirun"} & set(overrides):  # a multirun's sweep values (a=1,2) are checked per job
         try:  # check overrides and values first: Hydra reports over several lines, and makes the run folder
-            load_config(compose([o for o in overrides if not o.startswith("-")]))
+            directory = load_config(compose([o for o in overrides if not o.startswith("-")])).sweep.directory
         except SelfMergeError as err:
             _fail(str(err))
+        fresh = None if directory.exists() else directory
+        try:  # made here, so an unusable results_dir is one line, not Hydra's traceback
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            _fail(f"cannot create the sweep folder {directory} (sweep.results_dir): {err.strerror}")
     flags = [o for o in overrides if o in ("-m", "--multirun")]  # Hydra reads flags before overrides only
     sys.argv = ["selfmerge", *flags, *[o for o in overrides if o not in flags]]
     try:
@@ -87,7 +104,7 @@ def print_leaderboard(frame, top: int = 10) -> None:
 
     scores = [c for spec in EVALS.values() for c in spec.columns if c != Field.PPL_EARLY]  # early ppl: a pruning aid
     columns = ["rank", "trial", Field.PLAN, Field.N_LAYERS, *scores, Field.EVAL_SECONDS, "state", "pareto"]
-    columns = [c for c in columns if c in ("rank", "trial", Field.PLAN, "state") or frame[c].notna().any()]
+    columns = [c for c in columns if c in ("rank", "trial", Field.PLAN, "state") or (c in frame and frame[c].notna().any())]
     distinct = distinct_plans(frame)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
         print(distinct[columns].head(top).to_string(index=False) if not frame.empty else "(no finished trials yet)")
@@ -108,6 +125,16 @@ def cmd_leaderboard(args) -> None:
 
     path, study = _open_results(args.results, args.storage)
     print_leaderboard(leaderboard_frame(study, path), top=args.top)
+
+
+def cmd_rebuild(args) -> None:
+    from sweep.rebuild import MISSING, rebuild_study
+
+    _quiet_optuna()
+    study, aside = rebuild_study(Path(args.results), args.storage)
+    lost = sum(t.system_attrs.get(Field.FAIL_REASON) == MISSING for t in study.trials)
+    print(f"rebuilt sweep {study.study_name!r}: {len(study.trials)} trials ({lost} without a record)"
+          + (f"; the damaged file is kept as {aside}" if aside else ""))  # fmt: skip
 
 
 def cmd_report(args) -> None:
@@ -168,8 +195,10 @@ def cmd_merge(args) -> None:
 
     from merge_core.export import default_format, write_plan
     from merge_core.layer_plan import LayerPlan
-    from merge_core.model_files import resolve_model_source
-    from sweep.config import parse_size
+    from merge_core.model_card import CardFacts, base_licence, write_card
+    from merge_core.model_files import BUNDLED, resolve_model_source
+    from merge_core.model_shape import ModelShape
+    from sweep.config import ModelConfig, parse_size
 
     plan = LayerPlan.parse(args.plan)
     source = resolve_model_source(args.model)
@@ -183,10 +212,14 @@ def cmd_merge(args) -> None:
             shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model_name = args.hf_id or str(source)
+    model_name = args.hf_id or (ModelConfig.hf_id if args.model == BUNDLED else str(source))
     write_plan(source, plan, out, fmt, model_name, quant=args.quant, shard_bytes=shard_bytes, progress=True)
     if fmt == "gguf":
         write_plan(source, plan, out.with_suffix(".mergekit.yml"), "mergekit", model_name)
+    if fmt != "mergekit":  # a model file or folder gets its model card, as mergekit writes one
+        command = f"selfmerge merge {args.model} --plan {plan} --out {out.name}" + (f" --quant {args.quant}" if args.quant else "")
+        facts = CardFacts(model_name, plan, ModelShape.of(source), base_licence(source), reproduce=(command,))
+        print(f"model card: {write_card(out, facts)}")
     size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
     print(f"wrote {out} ({fmt}, {plan.n_layers} layers, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s")
 
@@ -255,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results/<sweep> folder")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--storage", help="Optuna storage URL (default: the folder's study.db)")
+
+    p = sub.add_parser("rebuild", help="make a sweep's study again from its records (a damaged or lost study.db)")
+    p.add_argument("results", help="results/<sweep> folder (study.json and trials/*.json)")
+    p.add_argument("--storage", help="Optuna storage URL to rebuild into (default: the folder's study.db)")
 
     p = sub.add_parser("report", help="write report.html and PNG plots into the sweep's folder")
     p.add_argument("results", help="results/<sweep> folder")
@@ -335,12 +372,12 @@ def main(argv: list[str] | None = None) -> None:
             cmd_analyze(args, extra)
         else:
             commands = {"leaderboard": cmd_leaderboard, "report": cmd_report, "reproduce": cmd_reproduce, "merge": cmd_merge,
-                        "eval": cmd_eval, Field.EQBENCH: cmd_eqbench}  # fmt: skip
+                        "eval": cmd_eval, Field.EQBENCH: cmd_eqbench, "rebuild": cmd_rebuild}  # fmt: skip
             commands[args.command](args)
     except SelfMergeError as err:
         _fail(str(err))
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-        _fail(str(err))
+        _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
 
 
 if __name__ == "__main__":

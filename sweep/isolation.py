@@ -56,6 +56,7 @@ def _child(conn, fn, args, max_memory: Optional[int]) -> None:
     tqdm.set_lock(threading.RLock())  # tqdm's default lock is a semaphore this short-lived child would leak
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's: it stops after this trial
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM: the sweep fails this trial and kills the child
     if max_memory:
         resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
 

@@ -8,6 +8,7 @@ of a trial still running (another worker's, on this machine) is never deleted.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,6 +19,10 @@ from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
 
 log = logging.getLogger("selfmerge")
+
+
+class DiskFull(SelfMergeError):
+    """The next merged file does not fit on the disk."""
 
 
 def models_dir(directory: Path) -> Path:
@@ -69,10 +74,20 @@ class ModelStore:
                 path.unlink(missing_ok=True)
 
     def make_room(self, plan: LayerPlan, trials: list[FrozenTrial]) -> None:
-        """Under the budget, delete kept files, strays first then worst first, until ``plan``'s fits."""
-        if self.budget is None:
-            return
+        """Under the budget, delete kept files, strays first then worst first, until ``plan``'s fits;
+        then the disk itself must hold it (``DiskFull`` names the folder and the sizes)."""
         needed = self.size_bound(plan)
+        if self.budget is not None:
+            self._within_budget(plan, needed, trials)
+        folder = models_dir(self.directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise DiskFull(f"{folder} is on a full disk: the next merge needs {needed / 2**20:.0f} MiB and "
+                           f"{free / 2**20:.0f} MiB are free (free some space, or set sweep.disk_budget or a "
+                           "lower sweep.keep_top_k)")  # fmt: skip
+
+    def _within_budget(self, plan: LayerPlan, needed: int, trials: list[FrozenTrial]) -> None:
         if needed > self.budget:
             raise SelfMergeError(f"plan {plan} makes a {needed / 2**20:.0f} MiB file, "
                                  f"more than sweep.disk_budget={self.budget_text}")  # fmt: skip

@@ -44,6 +44,19 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool
     return True
 
 
+def retry_once(study: optuna.Study, trial: FrozenTrial, drop: tuple[str, ...] = ()) -> None:
+    """Enqueue one retry of a finished (failed) trial, in the form Optuna's heartbeat retry uses, without
+    the user attributes in ``drop`` (the failure's reason must not follow the retry)."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > 1:  # retried once already
+        return
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k not in drop},
+        system_attrs={**trial.system_attrs, "failed_trial": trial.number, "retry_history": history},
+    ))  # fmt: skip
+
+
 def retried_number(trial: FrozenTrial) -> int | None:
     """The failed trial this one retries, if it is a retry."""
     return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)

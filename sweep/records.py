@@ -7,33 +7,42 @@ written to a temporary file and renamed, so a killed sweep never leaves half a f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Iterable
 
 import optuna
 import pandas as pd
+from optuna.distributions import distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
 from evals.registry import EVALS
 from evals.schema import Field, StudyKey
+from merge_core.byte_copy import written_as_partial
 from sweep.model_store import model_file
 
-LEADERBOARD_COLUMNS = [  # each evaluation's columns, then their timings, from the registry
-    "rank", "trial", Field.PLAN, Field.N_LAYERS,
-    *(column for spec in EVALS.values() for column in spec.columns),
-    *(spec.seconds for spec in EVALS.values()),
-    Field.MERGE_SECONDS, "state", Field.TOKENS_PER_SECOND, Field.FILE_MB, Field.PRIOR_COST, "model_file",
-    Field.CACHE_HIT_OF, Field.ERROR,
-]  # fmt: skip
-ATTR_COLUMNS = [  # a trial's own attributes
-    c for c in LEADERBOARD_COLUMNS if c not in ("rank", "trial", "state", "model_file", Field.ERROR)
-]
+LEADERBOARD_ONLY = ("rank", "trial", "state", "model_file", Field.ERROR)  # not a trial's own attributes
+INTEGER_COLUMNS = ("rank", Field.N_LAYERS, Field.CACHE_HIT_OF)  # written 3, not 3.0, where a row has none
+STUDY_RECORD = "study.json"  # the study's own attributes, beside trials/N.json: enough to rebuild it
+
+
+def leaderboard_columns(evals: Iterable[str] = tuple(EVALS)) -> list[str]:
+    """The columns of a leaderboard of a sweep that ran ``evals``: their columns, then their timings."""
+    specs = [EVALS[name] for name in EVALS if name in set(evals)]
+    throughput = [Field.TOKENS_PER_SECOND] if Field.PPL in evals else []
+    return [
+        "rank", "trial", Field.PLAN, Field.N_LAYERS,
+        *(column for spec in specs for column in spec.columns), *(spec.seconds for spec in specs),
+        Field.MERGE_SECONDS, "state", *throughput, Field.FILE_MB, Field.PRIOR_COST, "model_file",
+        Field.CACHE_HIT_OF, Field.ERROR,
+    ]  # fmt: skip
+
+
+LEADERBOARD_COLUMNS = leaderboard_columns()  # every evaluation's
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with written_as_partial(path) as partial:
+        partial.write_text(text)
 
 
 def trial_record(trial: FrozenTrial) -> dict:
@@ -42,6 +51,8 @@ def trial_record(trial: FrozenTrial) -> dict:
         "state": trial.state.name,
         "values": trial.values,
         "params": trial.params,
+        "distributions": {name: json.loads(distribution_to_json(d)) for name, d in trial.distributions.items()},
+        "intermediate_values": trial.intermediate_values,
         **trial.user_attrs,
         Field.FAIL_REASON: trial.system_attrs.get(Field.FAIL_REASON),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
@@ -52,6 +63,15 @@ def trial_record(trial: FrozenTrial) -> dict:
 def write_trial_record(directory: Path, trial: FrozenTrial) -> None:
     (directory / "trials").mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / "trials" / f"{trial.number}.json", json.dumps(trial_record(trial), indent=2, default=str))
+
+
+def write_study_record(directory: Path, study: optuna.Study) -> None:
+    """The study's name, directions and attributes (objectives, scoring, base record): with the
+    trial records, what ``selfmerge rebuild`` needs to make the study again."""
+    record = {"study_name": study.study_name, "directions": [d.name.lower() for d in study.directions],
+              "user_attrs": study.user_attrs}  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / STUDY_RECORD, json.dumps(record, indent=2, default=str))
 
 
 def merged_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -73,7 +93,7 @@ def _row(trial: FrozenTrial | None, attrs: dict, state: str, directory: Path | N
     path = model_file(directory, trial.number) if trial is not None and directory is not None else None
     return {
         "trial": trial.number if trial is not None else "base",
-        **{column: attrs.get(column) for column in ATTR_COLUMNS},
+        **{column: attrs.get(column) for column in LEADERBOARD_COLUMNS if column not in LEADERBOARD_ONLY},
         "state": state,
         "model_file": str(path) if path is not None and path.exists() else None,
         Field.ERROR: attrs.get(Field.ERROR) or (trial.system_attrs.get(Field.FAIL_REASON) if trial is not None else None),
@@ -83,7 +103,9 @@ def _row(trial: FrozenTrial | None, attrs: dict, state: str, directory: Path | N
 def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.DataFrame:
     """The base model, then one row per finished trial: completed ones best first (by the first
     objective), then pruned and failed. ``pareto`` marks the merges no other merge dominates in the
-    study's objectives (for a single-objective study: in it and depth, deeper counting as better)."""
+    study's objectives (for a single-objective study: in it and depth, deeper counting as better).
+    Only the evaluations the sweep ran have columns."""
+    columns = leaderboard_columns(study.user_attrs.get(StudyKey.SCORING, {}).get("eval", EVALS)) + ["pareto"]
     completed = merged_trials(study)
     others = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
     rows = [_row(t, t.user_attrs, "COMPLETE", directory) for t in completed]
@@ -104,9 +126,11 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
     base = study.user_attrs.get(StudyKey.BASE)
     head = pd.DataFrame([_row(None, base, "BASE", None)]) if base is not None else None
     parts = [p for p in (head, frame, tail) if p is not None and not p.empty]
-    if not parts:
-        return pd.DataFrame(columns=LEADERBOARD_COLUMNS + ["pareto"])
-    return pd.concat(parts, ignore_index=True).reindex(columns=LEADERBOARD_COLUMNS + ["pareto"])
+    board = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    board = board.reindex(columns=columns)
+    for column in INTEGER_COLUMNS:
+        board[column] = pd.to_numeric(board[column]).astype("Int64")
+    return board
 
 
 def distinct_plans(frame: pd.DataFrame) -> pd.DataFrame:

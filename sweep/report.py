@@ -5,6 +5,8 @@ depth.png        perplexity (or EQ-Bench) against the merged model's depth
 pareto.png       the two first objectives against each other, the front joined (several objectives)
 importance.png   which search parameters matter (Optuna's fANOVA on the completed trials)
 layer_maps.png   the best plans drawn as which base layer sits at each output position
+repeat_map.png   RYS's picture: the score of every plan that repeats one block (i, j) once, over start
+                 and end layer, coloured around the base's score; repeat_map.html the same with hover
 """
 
 from __future__ import annotations
@@ -109,6 +111,89 @@ def plot_pareto(frame: pd.DataFrame, names: list[str], directions: list[str], pa
     return _save(fig, path)
 
 
+def repeated_block(plan: LayerPlan, n_base: int) -> tuple[int, int] | None:
+    """(i, j) when ``plan`` is the base with layers i..j-1 run twice (``0-j,i-n``), as RYS writes it."""
+    if len(plan.slices) != 2:
+        return None
+    (start1, end1), (start2, end2) = plan.slices
+    return (start2, end1) if start1 == 0 and end2 == n_base and start2 < end1 else None
+
+
+def repeat_map(frame: pd.DataFrame, name: str, direction: str, n_base: int) -> pd.DataFrame:
+    """The distinct scored plans that repeat one block, with their (i, j)."""
+    merged = distinct_plans(frame[frame["state"] == "COMPLETE"])
+    blocks = [repeated_block(LayerPlan.parse(plan), n_base) for plan in merged[Field.PLAN]]
+    rows = [(i, j, plan, value) for (plan, value), block in zip(zip(merged[Field.PLAN], merged[name]), blocks)
+            if block is not None for i, j in [block]]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["i", "j", Field.PLAN, name])
+    return table.sort_values(name, ascending=direction == "minimize", kind="stable").reset_index(drop=True)
+
+
+def _repeat_norm(values: np.ndarray, base: float, direction: str):
+    """Colours diverge at the base's score; a gibberish tail (100x) must not wash the good plans out."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if direction == "minimize":
+        high = min(high, float(np.nanpercentile(values, 90)))
+    else:
+        low = max(low, float(np.nanpercentile(values, 10)))
+    return TwoSlopeNorm(vcenter=base, vmin=min(low, base - 1e-9), vmax=max(high, base + 1e-9))
+
+
+def plot_repeat_map(frame: pd.DataFrame, name: str, direction: str, n_base: int, base: float | None,
+                    directory: Path, best: int = 3) -> Path | None:  # fmt: skip
+    """repeat_map.png and repeat_map.html; None when fewer than two scored plans repeat one block."""
+    table = repeat_map(frame, name, direction, n_base)
+    if len(table) < 2 or base is None:
+        return None
+    grid = np.full((n_base, n_base + 1), np.nan)  # [i, j]: start layer i, end layer j
+    grid[table["i"], table["j"]] = table[name]
+    norm = _repeat_norm(grid, base, direction)
+    cmap = "RdBu_r" if direction == "minimize" else "RdBu"  # better than the base is blue either way
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto")
+    top = table.head(best)
+    ax.scatter(top["j"], top["i"], s=90, facecolors="none", edgecolors="black", linewidths=1.5,
+               label=f"best {len(top)} ({', '.join(top[Field.PLAN])})")  # fmt: skip
+    ax.set_xlabel("j: end of the repeated block (exclusive)")
+    ax.set_ylabel("i: start of the repeated block")
+    ax.set_title(f"{name} of each plan that runs layers i..j-1 twice (white: the base's {base:.4g})")
+    fig.colorbar(image, ax=ax, label=name, extend="max" if direction == "minimize" else "min")
+    ax.legend(fontsize=8, loc="upper left")
+    _repeat_map_html(table, grid, norm, plt.get_cmap(cmap), name, base, directory / "repeat_map.html")
+    return _save(fig, directory / "repeat_map.png")
+
+
+def _repeat_map_html(table: pd.DataFrame, grid: np.ndarray, norm, cmap, name: str, base: float, path: Path) -> None:
+    """The heat map as an HTML table: each cell's colour as in the PNG, its plan and score on hover."""
+    from matplotlib.colors import to_hex
+
+    plans = {(i, j): plan for i, j, plan in zip(table["i"], table["j"], table[Field.PLAN])}
+    ranks = {(i, j): rank for rank, (i, j) in enumerate(zip(table["i"], table["j"]), 1)}
+    rows = []
+    for i in range(grid.shape[0] - 1, -1, -1):
+        cells = [f"<th>{i}</th>"]
+        for j in range(grid.shape[1]):
+            value = grid[i, j]
+            if np.isnan(value):
+                cells.append("<td></td>")
+                continue
+            tip = f"plan {plans[i, j]} (repeat {i}..{j - 1}): {name} {value:.4g}, {value / base:.3f}x the base; rank {ranks[i, j]}"
+            cells.append(f'<td style="background:{to_hex(cmap(norm(value)))}" title="{html.escape(tip)}"></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = "<tr><th>i \\ j</th>" + "".join(f"<th>{j}</th>" for j in range(grid.shape[1])) + "</tr>"
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>repeat map: {html.escape(name)}</title>
+<style>body{{font-family:sans-serif}} table{{border-collapse:collapse;font-size:10px}}
+td{{width:16px;height:16px;border:1px solid #eee}} td[title]:hover{{outline:2px solid black}}</style></head><body>
+<h1>{html.escape(name)} of plans that run layers i..j-1 twice</h1>
+<p>Rows: start layer i; columns: end layer j. White is the base's {base:.4g}; blue is better, red worse.
+Hover a cell for its plan and score.</p>
+<table>{header}{"".join(rows)}</table></body></html>
+""", encoding="utf-8")
+
+
 def plot_importance(study: optuna.Study, path: Path) -> Path | None:
     """fANOVA over the completed trials' parameters; None when too few trials or no shared parameter."""
     try:
@@ -178,13 +263,16 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
     directions = [d.name.lower() for d in study.directions]
     frame = leaderboard_frame(study, directory)
     plots = {"progress": plot_progress(study, names[0], directions[0], directory / "progress.png")}
-    depth_metric = Field.PPL if frame[Field.PPL].notna().any() else names[0]
+    depth_metric = Field.PPL if Field.PPL in frame and frame[Field.PPL].notna().any() else names[0]
     if (frame["state"] == "COMPLETE").any():
         plots["depth"] = plot_depth(frame, depth_metric, directory / "depth.png")
         if len(names) > 1:
             plots["pareto"] = plot_pareto(frame, names[:2], directions[:2], directory / "pareto.png")
+    n_base = study.user_attrs.get(StudyKey.N_BASE_LAYERS, 0) or 1
+    base_value = study.user_attrs.get(StudyKey.BASE, {}).get(names[0])
     for key, made in (("importance", plot_importance(study, directory / "importance.png")),
-                      ("layer_maps", plot_layer_maps(frame, names[0], study.user_attrs.get("n_base_layers", 0) or 1, directory / "layer_maps.png"))):  # fmt: skip
+                      ("layer_maps", plot_layer_maps(frame, names[0], n_base, directory / "layer_maps.png")),
+                      ("repeat_map", plot_repeat_map(frame, names[0], directions[0], n_base, base_value, directory))):  # fmt: skip
         if made is not None:
             plots[key] = made
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
@@ -193,6 +281,9 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
     distinct = distinct_plans(frame).drop(columns=["model_file", Field.CACHE_HIT_OF]).dropna(axis=1, how="all")
     table = distinct.head(25).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
     images = "\n".join(f'<h2>{key.replace("_", " ")}</h2>\n<img src="{p.name}" alt="{key}">' for key, p in plots.items())
+    if "repeat_map" in plots:
+        images += '\n<p><a href="repeat_map.html">the repeat map with each plan and score on hover</a></p>'
+
     prior = prior_agreement(frame, names[0], directions[0], directory)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>selfmerge: {html.escape(directory.name)}</title>

@@ -13,6 +13,8 @@ from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError
 from merge_core.export import FORMATS, write_plan
 from merge_core.layer_plan import LayerPlan
+from merge_core.model_card import CardFacts, Score, base_licence, write_card
+from merge_core.model_shape import ModelShape
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
 from sweep.backends import make_backend
 from sweep.config import BackendConfig
@@ -91,5 +93,23 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
             change = f"  ({(again / stored - 1) * 100:+.3f}%)" if stored else ""
             print(f"{name:18s} stored {stored:.4f}  reproduced {again:.4f}{change}")
     (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    print("wrote " + ", ".join(str(p) for p in written))
+    facts = _card_facts(study, trial, plan, source, hf_id, results_dir, out_dir)
+    cards = [write_card(target, facts) for target in (out_dir, *(p for p in written if p.is_dir()))]
+    print("wrote " + ", ".join(str(p) for p in [*written, *cards]))
     return record
+
+
+def _scored_on(scoring: dict) -> str:
+    """The sweep's scoring fingerprint in words: each evaluation's settings, then the backend's."""
+    evals = "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in settings.items())})" for name, settings in scoring["eval"].items())
+    backend = ", ".join(f"{k}={v}" for k, v in scoring.get("backend", {}).items())
+    return f"{evals}; backend {backend}"
+
+
+def _card_facts(study, trial, plan: LayerPlan, source: Path, hf_id: str, results_dir: Path, out_dir: Path) -> CardFacts:
+    base = study.user_attrs.get(StudyKey.BASE, {})
+    names = [name for spec in EVALS.values() for name in spec.scores if name in trial.user_attrs]
+    scores = tuple(Score(name, trial.user_attrs[name], base.get(name)) for name in names)
+    command = f"selfmerge reproduce {results_dir} --trial {trial.number} --out {out_dir}"
+    return CardFacts(hf_id, plan, ModelShape.of(source), base_licence(source), scores,
+                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,))  # fmt: skip

@@ -39,13 +39,14 @@ from sweep.backends import Backend, make_backend
 from sweep.config import SweepConfig
 from sweep.heartbeat import fail_stale_trials, trial_heartbeat
 from sweep.isolation import TrialCrashed, run_isolated
-from sweep.model_store import ModelStore
+from sweep.model_store import DiskFull, ModelStore
 from sweep.pruning import BaseRatioPruner, EarlyStop
-from sweep.records import write_leaderboard, write_trial_record
+from sweep.records import write_leaderboard, write_study_record, write_trial_record
 from sweep.samplers import make_sampler
 from sweep.scoring import TrialScorer, scoring_fingerprint
 from sweep.seeding import enqueue, plan_to_enqueue
 from sweep.spaces import SearchSpace, build_space
+from sweep.optuna_access import read_trial, retry_once
 from sweep.study import is_journal, open_sweep_study, retry_orphaned_trials, sweep_lock
 from sweep.trial_work import TrialWork, merge_record
 from sweep.twins import TwinPlans
@@ -56,6 +57,17 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 class TrialFailed(Exception):
     """A trial's merge or evaluation failed; the sweep records it and goes on."""
+
+
+class StopSweep(KeyboardInterrupt):
+    """Stop the sweep now (SIGTERM, a full disk). Optuna fails the running trial (it does so for a
+    KeyboardInterrupt), the sweep enqueues its retry, so a resumed sweep runs it first, and the
+    user reads ``message`` on one line; the process exits with ``status``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+        self.trial_number: Optional[int] = None  # the trial it stopped, if one was running
 
 
 @dataclass
@@ -71,6 +83,16 @@ class TrialEnv:
 
 
 def run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
+    try:
+        return _run_trial(trial, env)
+    except StopSweep as stop:  # its file goes; the reason stays on the trial, which is retried
+        env.store.path(trial.number).unlink(missing_ok=True)
+        trial.set_user_attr(Field.ERROR, stop.message)
+        stop.trial_number = trial.number
+        raise
+
+
+def _run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
     # 1. ask the sampler for a plan
     plan = env.space.suggest(trial)
     _set_attrs(trial, env.space.derived(plan))
@@ -88,6 +110,8 @@ def run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
     try:
         env.store.make_room(plan, trial.study.get_trials(deepcopy=False))
         record = env.build_and_score(trial, plan)
+    except DiskFull as err:
+        raise StopSweep(str(err), status=2) from None
     except Exception as err:
         path.unlink(missing_ok=True)
         reason = str(err) if isinstance(err, TrialCrashed) else f"{type(err).__name__}: {err}"
@@ -146,9 +170,18 @@ class Sweep:
         self.store = ModelStore(self.directory, run.keep_top_k, run.disk_budget_bytes, run.disk_budget,
                                 self._rank_key, self.backend.size_bound)  # fmt: skip
         self._stopping = False
+        self.started = False  # True once the sweep has stored a result (the base's score) in its study
 
     def run(self) -> optuna.Study:
+        try:
+            return self._run()
+        except optuna.exceptions.StorageInternalError as err:  # e.g. SQLite's "database or disk is full"
+            cause = str(err.__cause__ or err).splitlines()[0]
+            raise SelfMergeError(f"cannot write the study at {self.config.storage_url}: {cause}") from None
+
+    def _run(self) -> optuna.Study:
         config, run = self.config, self.config.sweep
+        self.store.check_budget(LayerPlan.identity(self.shape.n_layers))  # before anything is written
         with sweep_lock(config.storage_url) as lock:
             # open the study, or resume it if it scores the same way
             fingerprint = scoring_fingerprint(config, self.backend.source)
@@ -158,7 +191,6 @@ class Sweep:
                 for trial in self._retry_orphans(study):
                     log.warning("trial %d was running when its sweep died: failed, retried once", trial.number)
                     write_trial_record(self.directory, trial)
-            self.store.check_budget(LayerPlan.identity(self.shape.n_layers))
             if config.trial.isolate and not self.backend.isolatable:
                 log.info("backend=%s: trials run in this process; trial.timeout and trial.max_memory do not apply",
                          config.backend.kind)  # fmt: skip
@@ -167,9 +199,11 @@ class Sweep:
             early_windows = prune.early_windows if prune.max_ppl_ratio and config.eval.get(Field.PPL) else 0
             scorer = TrialScorer(config.eval, self.backend.base, early_windows, self.backend.open_model)
             base = self._base(study, scorer)
+            self.started = True
             if self.pruner is not None:
                 self.pruner.base_early_ppl = base.get(Field.PPL_EARLY)
             enqueue(study, self.enqueue, config, self.space, self.directory)
+            write_study_record(self.directory, study)
             write_leaderboard(study, self.directory)
             done = callbacks.n_done(study.get_trials(deepcopy=False))
             if done >= run.n_trials:
@@ -238,21 +272,40 @@ class Sweep:
         return objective
 
     @contextlib.contextmanager
-    def _ctrl_c_stops(self) -> Iterator[None]:
-        """The first Ctrl-C stops the sweep once the running trial is saved; a second aborts it."""
+    def _signals(self) -> Iterator[None]:
+        """The first Ctrl-C stops the sweep once the running trial is saved; a second aborts it.
+        SIGTERM (what SLURM, systemd and Kubernetes send before a kill, often 30 s before) stops it
+        at once: the running trial is failed and retried first when the sweep resumes."""
         def on_ctrl_c(signum, frame) -> None:
             if self._stopping:
                 raise KeyboardInterrupt
             self._stopping = True
             log.warning("Ctrl-C: the sweep stops once the running trial is saved (Ctrl-C again to abort it)")
 
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main else None
+        def on_sigterm(signum, frame) -> None:
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # Optuna would log the stopped trial's traceback
+            raise StopSweep("stopped by SIGTERM", status=128 + signal.SIGTERM)
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, handler)
+                    for signum, handler in ((signal.SIGINT, on_ctrl_c), (signal.SIGTERM, on_sigterm))}  # fmt: skip
         try:
             yield
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _after_stop(self, study: optuna.Study, stop: StopSweep) -> None:
+        """The stopped trial (failed by Optuna) retried first on resume; records and leaderboard written."""
+        if stop.trial_number is not None:
+            trial = read_trial(study, stop.trial_number)
+            retry_once(study, trial, drop=(Field.ERROR, Field.CLAIM))
+            write_trial_record(self.directory, trial)
+            stop.message += f": trial {trial.number} ({trial.user_attrs.get(Field.PLAN)}) is retried first"
+        write_leaderboard(study, self.directory)
+        stop.message += "; finished trials are saved, rerun the same command to resume"
 
     def _optimize(self, study: optuna.Study, work: TrialWork, base: dict, done: int) -> None:
         config, run = self.config, self.config.sweep
@@ -271,6 +324,10 @@ class Sweep:
             callbacks.Progress(bar, trials, config.objectives[0], base, run.timeout_seconds),
             callbacks.StopWhenDone(run.n_trials, trials, lambda: self._stopping),
         ]
-        with self._ctrl_c_stops(), bar:
-            study.optimize(self._objective(env), timeout=run.timeout_seconds, callbacks=after_trial, catch=(TrialFailed,),
-                           gc_after_trial=False)  # fmt: skip
+        with self._signals(), bar:
+            try:
+                study.optimize(self._objective(env), timeout=run.timeout_seconds, callbacks=after_trial,
+                               catch=(TrialFailed,), gc_after_trial=False)  # fmt: skip
+            except StopSweep as stop:
+                self._after_stop(study, stop)
+                raise

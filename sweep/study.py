@@ -54,7 +54,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
             raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
         except Exception as err:  # bad URL, unreachable server, or workers creating the schema at once
             if attempt == STORAGE_ATTEMPTS - 1:
-                raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
+                raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}{damaged_hint(url)}") from None
             time.sleep(0.2 * 2**attempt + random.random() * 0.2)
 
 
@@ -102,12 +102,25 @@ def open_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler, pruner
     return study
 
 
+def damaged_hint(url: str) -> str:
+    """What to do when a storage cannot be read: a SQLite file beside its sweep's records is rebuilt."""
+    if url.startswith("sqlite:///"):
+        folder = Path(url[len("sqlite:///") :]).parent
+        return f"; if the file is damaged, `selfmerge rebuild {folder}` makes the study again from {folder}/trials/"
+    return ""
+
+
 def load_study(url: str, name: str, sampler=None) -> optuna.Study:
-    storage = make_storage(url, 60) if is_journal(url) else url
     try:
+        storage = make_storage(url, 60) if is_journal(url) else url
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         raise SelfMergeError(f"no sweep named {name!r} in {url}") from None
+    except SelfMergeError:
+        raise
+    except Exception as err:  # SQLAlchemy's and the drivers' errors span many lines
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SelfMergeError(f"cannot read the study in {url}: {cause}{damaged_hint(url)}") from None
 
 
 class SweepLock:

@@ -37,7 +37,11 @@ def main() -> None:
 
     callbacks.write_leaderboard = marked_leaderboard  # the after-trial callback's; the runner's own first write stays
     config = load_config(compose(fast_overrides("killed", Path(text), int(n_trials), Path(results))))
-    runner.Sweep(config, work_type=functools.partial(PhaseMarks, marks=marks, pause=pause)).run()
+    try:
+        runner.Sweep(config, work_type=functools.partial(PhaseMarks, marks=marks, pause=pause)).run()
+    except runner.StopSweep as stop:  # as the CLI reports it
+        print(f"selfmerge: {stop.message}", file=sys.stderr)
+        sys.exit(stop.status)
 
 
 if __name__ == "__main__":

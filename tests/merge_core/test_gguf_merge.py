@@ -135,3 +135,13 @@ def test_refuses_to_overwrite_its_base(tmp_path):
     with pytest.raises(SelfMergeError, match="overwrite the base"):
         merge_gguf(base, LayerPlan.parse("0-3,1-4"), base)
     assert base.read_bytes() == before
+
+
+def test_a_failed_merge_leaves_no_partial_file(base_gguf, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    with open(base_gguf, "rb") as src:
+        truncated.write_bytes(src.read(40 * 2**20))  # the header is whole, the tensor data is not
+    out = tmp_path / "out" / "merged.gguf"
+    with pytest.raises(SelfMergeError, match="truncated"):
+        merge_gguf(truncated, PLAN, out)
+    assert not out.exists() and list(out.parent.iterdir()) == []

@@ -39,3 +39,24 @@ def test_report_draws_every_plot_of_a_sweep(tmp_path, wikitext_file):
 def test_report_of_a_folder_without_a_sweep_is_a_clear_error(tmp_path):
     bad = run_cli("report", str(tmp_path / "nothing"), cwd=tmp_path)
     assert bad.returncode == 2 and "holds no sweep" in bad.stderr
+
+
+def test_repeat_map_draws_every_single_block_repeat(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from sweep.report import plot_repeat_map, repeat_map, repeated_block
+    from merge_core.layer_plan import LayerPlan
+
+    assert repeated_block(LayerPlan.parse("0-16,10-30"), 30) == (10, 16)
+    assert repeated_block(LayerPlan.parse("0-10,6-16,12-30"), 30) is None and repeated_block(LayerPlan.parse("0-30"), 30) is None
+    rows = [("0-16,10-30", 12.0), ("0-14,10-30", 11.0), ("0-20,12-30", 40.0), ("0-10,6-16,12-30", 13.0), ("0-16,10-30", 12.0)]
+    frame = pd.DataFrame({"plan": [p for p, _ in rows], "ppl": [v for _, v in rows], "state": "COMPLETE",
+                          "cache_hit_of": [np.nan, np.nan, np.nan, np.nan, 0]})  # fmt: skip
+    table = repeat_map(frame, "ppl", "minimize", 30)
+    assert list(zip(table["i"], table["j"], table["ppl"])) == [(10, 14, 11.0), (10, 16, 12.0), (12, 20, 40.0)]
+    png = plot_repeat_map(frame, "ppl", "minimize", 30, 11.5, tmp_path)
+    assert png == tmp_path / "repeat_map.png" and png.stat().st_size > 10_000
+    page = (tmp_path / "repeat_map.html").read_text()
+    assert page.count('title="plan ') == 3 and 'title="plan 0-14,10-30 (repeat 10..13): ppl 11, 0.957x the base; rank 1"' in page
+    assert plot_repeat_map(frame.head(1), "ppl", "minimize", 30, 11.5, tmp_path / "none") is None  # one plan: no map
