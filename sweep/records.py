@@ -7,6 +7,8 @@ written to a temporary file and renamed, so a killed sweep never leaves half a f
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -17,7 +19,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evals.registry import EVALS
 from evals.schema import Field, StudyKey
-from merge_core.byte_copy import written_as_partial
 from sweep.model_store import model_file
 
 LEADERBOARD_ONLY = ("rank", "trial", "state", "model_file", Field.ERROR)  # not a trial's own attributes
@@ -41,8 +42,18 @@ LEADERBOARD_COLUMNS = leaderboard_columns()  # every evaluation's
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    with written_as_partial(path) as partial:
-        partial.write_text(text)
+    """Written whole or not at all. Several workers write the same leaderboard and study record, so
+    each writes a temporary file of its own (a shared ``.partial`` name would be one worker's to
+    delete while another still writes it), then renames it over the old one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the rename
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def trial_record(trial: FrozenTrial) -> dict:
