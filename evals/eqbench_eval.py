@@ -47,6 +47,11 @@ def _messages(item: EQItem) -> list[dict]:
 
 # -- generation mode --------------------------------------------------------------------------
 def answer_by_generation(model: ChatModel, items: list[EQItem], max_tokens: int, progress: bool = False) -> EQBenchResult:
+    """Every item at once on a model that batches (``chat_batch``: the torch backend); one by one
+    otherwise (llama-cpp-python generates one sequence per call)."""
+    if hasattr(model, "chat_batch"):
+        replies = model.chat_batch([_messages(item) for item in items], max_tokens)
+        return score_answers(items, {item.id: reply for item, reply in zip(items, replies)})
     asked = tqdm(items, desc=Field.EQBENCH, unit="item", disable=not progress)
     answers = {item.id: model.chat(_messages(item), max_tokens) for item in asked}
     return score_answers(items, answers)

@@ -48,6 +48,7 @@ class Field:
     FAIL_REASON = "fail_reason"  # system attribute: a dead worker's trial
     MODEL_PATH = "model_path"  # the merged file, while it is kept
     ENQUEUED = "enqueued"
+    DRAWN = "drawn"  # "uniform": an unscored plan drawn after sweep.max_repeats_in_a_row repeats
     PRIOR_RANK = "prior_rank"
     PRIOR_COST = "prior_cost"
     REPAIRED_PARAMS = "repaired_params"

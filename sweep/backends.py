@@ -24,6 +24,7 @@ class Backend(Protocol):
     source: Path  # the model the config names, resolved (a GGUF file or an HF folder)
     base: Any  # what is scored as the base model: a GGUF path, or the loaded model
     isolatable: ClassVar[bool]  # trials may run in child processes (everything it holds pickles)
+    writes_files: ClassVar[bool]  # a build is a file under models/ (kept best first, under the disk budget)
 
     @property
     def shape(self) -> ModelShape: ...
@@ -53,6 +54,7 @@ class LlamaCppBackend:
     base: Path = field(init=False)  # the GGUF scored as the base
     merge_from: Path = field(init=False)  # the GGUF whose blocks a plan re-indexes
     isolatable = True  # trials may run in child processes
+    writes_files = True
     open_model = staticmethod(LlamaCppModel)
 
     def __post_init__(self) -> None:
@@ -101,6 +103,7 @@ class TorchBackend:
     """The base loaded once (CPU or GPU); each plan is a model sharing its layers, built in ~1 ms."""
 
     isolatable = False  # the loaded base (perhaps on a GPU) lives in this process
+    writes_files = False
 
     def __init__(self, source: Path, config: BackendConfig) -> None:
         from merge_core.torch_merge import load_causal_lm
@@ -126,7 +129,7 @@ class TorchBackend:
     def open_model(self, model, n_ctx: int, threads: Optional[int] = None, batch: int = 512):
         from evals.torch_model import TorchModel
 
-        return TorchModel(model, self.tokenizer, n_ctx, self.config.batch_windows, self.layer_fn)
+        return TorchModel(model, self.tokenizer, n_ctx, self.config.batch_windows, self.layer_fn, self.config.gen_batch)
 
     def size_bound(self, plan: LayerPlan) -> int:
         return 0  # nothing is written

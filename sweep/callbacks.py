@@ -1,11 +1,13 @@
 """What happens after each trial, as Optuna callbacks (``study.optimize(callbacks=[...])``), each
 ``callback(study, finished_trial)``, in the order the sweep passes them: write the trial's record,
-fail dead workers' trials (journal storage), keep the best files, write the leaderboard, report
-progress, stop when done. The study's trials are read once per finished trial (``TrialsRead``)."""
+fail dead workers' trials (journal storage), bring the study index up to date, draw an unscored plan
+after too many repeats, keep the best files, write the leaderboard, report progress, stop when done.
+The study is read once per finished trial (``Refresh``); the rest works from the index."""
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,31 +19,20 @@ from tqdm.auto import tqdm
 from evals.registry import EVALS
 from evals.schema import Field
 from sweep.model_store import ModelStore
-from sweep.optuna_access import retried_number
 from sweep.records import write_leaderboard, write_trial_record
+from sweep.spaces import SearchSpace
+from sweep.study_index import StudyIndex
 
 log = logging.getLogger("selfmerge")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+LEADERBOARD_SECONDS = 5.0  # the leaderboard is rewritten at most this often (and when the sweep ends)
 
 
-def n_done(trials: list[FrozenTrial]) -> int:
-    """Trials finished, not counting failures that were retried."""
-    retried = {retried_number(t) for t in trials}
-    retried_failures = {t.number for t in trials if t.state == TrialState.FAIL and t.number in retried}
-    return sum(1 for t in trials if t.state in FINISHED and t.number not in retried_failures)
+class Refresh:
+    def __init__(self, index: StudyIndex) -> None:
+        self.index = index
 
-
-class TrialsRead:
-    """The study's trials, read once after each finished trial and shared by that trial's callbacks."""
-
-    def __init__(self) -> None:
-        self._after: Optional[int] = None
-        self._trials: list[FrozenTrial] = []
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
-        if self._after != trial.number:
-            self._trials, self._after = study.get_trials(deepcopy=False), trial.number
-        return self._trials
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.index.refresh(study)
 
 
 class WriteRecord:
@@ -62,20 +53,60 @@ class FailStale:
         self.fail_stale(study)
 
 
-class KeepBest:
-    def __init__(self, store: ModelStore, trials: TrialsRead) -> None:
-        self.store, self.trials = store, trials
+class DrawUnscored:
+    """After ``max_repeats`` proposals in a row of plans already scored, the next trial is an unscored
+    plan drawn uniformly from the space (enqueued: the next ask takes it). ``exhausted`` once every
+    plan of the space is scored: the sweep then stops, saying so."""
+
+    def __init__(self, index: StudyIndex, space: SearchSpace, space_kind: str, max_repeats: int, seed: int) -> None:
+        self.index, self.space, self.space_kind, self.max_repeats = index, space, space_kind, max_repeats
+        self.rng = random.Random(seed)
+        self.repeats = 0
+        self.exhausted: Optional[str] = None
+        self._plans: Optional[dict] = None  # the space's plans, listed on first need
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.store.keep_best(self.trials(study, trial))
+        self.repeats = self.repeats + 1 if Field.CACHE_HIT_OF in trial.user_attrs else 0
+        if self.repeats < self.max_repeats:
+            return
+        self.repeats = 0
+        params = self._unscored()
+        if params is None:
+            self.exhausted = f"all {len(self._plans)} plans of space '{self.space_kind}' are scored"
+            return
+        log.info("%d proposals in a row were plans already scored: the next plan is drawn from the unscored ones", self.max_repeats)
+        study.enqueue_trial(params, user_attrs={Field.DRAWN: "uniform"})
+
+    def _unscored(self) -> Optional[dict]:
+        if self._plans is None:
+            self._plans, complete = self.space.enumerate_plans()
+            if not complete:
+                log.warning("space '%s' has over a million plans: the draw is from the first million", self.space_kind)
+        unscored = [plan for plan in self._plans if plan not in self.index.scored]
+        return dict(self._plans[self.rng.choice(unscored)]) if unscored else None
+
+
+class KeepBest:
+    def __init__(self, store: ModelStore, index: StudyIndex) -> None:
+        self.store, self.index = store, index
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.store.keep_best(self.index.trials)
 
 
 class WriteLeaderboard:
+    """At most every ``LEADERBOARD_SECONDS``: rebuilding it reads every trial. ``flush`` writes it now."""
+
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        self.directory, self.written = directory, 0.0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if time.monotonic() - self.written >= LEADERBOARD_SECONDS:
+            self.flush(study)
+
+    def flush(self, study: optuna.Study) -> None:
         write_leaderboard(study, self.directory)
+        self.written = time.monotonic()
 
 
 def outcome(trial: FrozenTrial) -> str:
@@ -91,24 +122,22 @@ def outcome(trial: FrozenTrial) -> str:
 
 
 class Progress:
-    """The progress bar (trials done, best so far, base, pruned, failed, time left) and a log line."""
+    """The progress bar (distinct plans done, best so far, base, pruned, failed, repeats, time left)
+    and a log line."""
 
-    def __init__(self, bar: tqdm, trials: TrialsRead, objective: tuple[str, str], base: dict,
-                 timeout: Optional[float]) -> None:  # fmt: skip
-        self.bar, self.trials, self.base, self.timeout = bar, trials, base, timeout
-        self.name, self.sign = objective[0], (1 if objective[1] == "minimize" else -1)
+    def __init__(self, bar: tqdm, index: StudyIndex, base: dict, timeout: Optional[float]) -> None:
+        self.bar, self.index, self.base, self.timeout = bar, index, base, timeout
         self.started = time.monotonic()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = self.trials(study, trial)
-        self.bar.n = n_done(trials)
-        scored = [t.user_attrs[self.name] for t in trials if t.state == TrialState.COMPLETE]
-        best = min(scored, key=lambda v: self.sign * v) if scored else None
+        index = self.index
+        self.bar.n = index.n_done
         postfix = {
-            f"best_{self.name}": f"{best:.3f}" if best is not None else "-",
-            "base": f"{self.base.get(self.name, float('nan')):.3f}",
-            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            f"best_{index.name}": f"{index.best:.3f}" if index.best is not None else "-",
+            "base": f"{self.base.get(index.name, float('nan')):.3f}",
+            "pruned": index.n_pruned,
+            "failed": index.n_failed,
+            "repeats": index.n_cache_hits,
         }
         if self.timeout:
             postfix["time_left"] = f"{max(0.0, self.timeout - (time.monotonic() - self.started)) / 60:.0f}m"
@@ -118,14 +147,15 @@ class Progress:
 
 
 class StopWhenDone:
-    """Stop once the study has ``n_trials`` finished trials (a dead worker's retry, waiting, is run
-    first), or when ``stopping()`` says so (Ctrl-C)."""
+    """Stop once the study has ``n_trials`` distinct plans done (a dead worker's retry, waiting, is
+    run first), when every plan of the space is scored, or when ``stopping()`` says so (Ctrl-C)."""
 
-    def __init__(self, n_trials: int, trials: TrialsRead, stopping: Callable[[], bool]) -> None:
-        self.n_trials, self.trials, self.stopping = n_trials, trials, stopping
+    def __init__(self, n_trials: int, index: StudyIndex, draw: DrawUnscored, stopping: Callable[[], bool]) -> None:
+        self.n_trials, self.index, self.draw, self.stopping = n_trials, index, draw, stopping
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = self.trials(study, trial)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if (n_done(trials) >= self.n_trials and not waiting) or self.stopping():
+        if self.draw.exhausted:
+            log.warning("sweep stops: %s", self.draw.exhausted)
+            study.stop()
+        elif (self.index.n_done >= self.n_trials and not self.index.waiting) or self.stopping():
             study.stop()

@@ -48,6 +48,7 @@ class BackendConfig:
     device: str = "auto"  # torch: auto (CUDA if present) | cpu | cuda | cuda:N
     batch_windows: int = 8  # torch: perplexity windows per forward pass
     compile: bool = False  # torch: torch.compile the decoder layer for perplexity (GPU: ~15% faster after a one-off compile)
+    gen_batch: int = 0  # torch: replies generated at once (EQ-Bench generate mode); 0 = as many as half the free GPU memory holds
 
     def __post_init__(self) -> None:
         from merge_core.gguf_convert import OUT_TYPES
@@ -61,6 +62,8 @@ class BackendConfig:
             raise SelfMergeError(f"backend.convert_type={self.convert_type!r} is unknown; choose one of {list(OUT_TYPES)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise SelfMergeError(f"backend.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16")
+        if self.gen_batch < 0:
+            raise SelfMergeError(f"backend.gen_batch={self.gen_batch} is out of range: must be >= 0 (0 = from free memory)")
         if self.batch_windows < 1:
             raise SelfMergeError(f"backend.batch_windows={self.batch_windows} is out of range: must be >= 1")
 
@@ -111,10 +114,13 @@ class EvalConfig:
 class SamplerConfig:
     kind: str = "tpe"
     n_startup_trials: int = 5  # random trials before TPE / CMA-ES model the landscape
+    window: int = 1000  # tpe: models the best and the latest this many trials (0 = all; cost per ask grows)
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLERS:
             raise SelfMergeError(f"unknown sampler {self.kind!r}; choose one of {list(SAMPLERS)}")
+        if self.window < 0:
+            raise SelfMergeError(f"sampler.window={self.window} is out of range: must be >= 0 (0 = every trial)")
         if self.n_startup_trials < 0:
             raise SelfMergeError(f"sampler.n_startup_trials={self.n_startup_trials} is out of range: must be >= 0")
 
@@ -178,12 +184,15 @@ class RunConfig:
     progress: bool = True
     objectives: Optional[tuple[str, ...]] = None  # None = one per eval; e.g. [ppl, n_layers] or [ppl, "n_layers:maximize"]
     enqueue: tuple[str, ...] = ()  # plans to score first: "0-16,8-30" or a mergekit YAML file
+    max_repeats_in_a_row: int = 20  # proposals of scored plans in a row before an unscored plan is drawn
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise SelfMergeError(f"sweep.name={self.name!r} is not a plain name (letters, digits, '_', '.', '-')")
         if self.n_trials < 0:
             raise SelfMergeError(f"sweep.n_trials={self.n_trials} is out of range: must be >= 0")
+        if self.max_repeats_in_a_row < 1:
+            raise SelfMergeError(f"sweep.max_repeats_in_a_row={self.max_repeats_in_a_row} is out of range: must be >= 1")
         if self.keep_top_k < 0:
             raise SelfMergeError(f"sweep.keep_top_k={self.keep_top_k} is out of range: must be >= 0")
         parse_duration(self.timeout)

@@ -60,3 +60,76 @@ def retry_once(study: optuna.Study, trial: FrozenTrial, drop: tuple[str, ...] = 
 def retried_number(trial: FrozenTrial) -> int | None:
     """The failed trial this one retries, if it is a retry."""
     return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+class _WindowedStudy:
+    """The study as a sampler sees it through ``WindowedSampler``: every attribute is the study's,
+    but its trials are those of the window."""
+
+    def __init__(self, study: optuna.Study, window: "_Window") -> None:
+        self._study, self._window = study, window
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        return self._window.select(self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache))
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+
+class _Window:
+    """The best ``size`` finished trials by the first objective, kept in a heap as trials finish, and
+    the latest ``size`` trials; running ones always (TPE's constant liar needs them)."""
+
+    def __init__(self, size: int, minimize: bool) -> None:
+        self.size, self.sign = size, 1.0 if minimize else -1.0
+        self._best: list[tuple[float, int]] = []  # max-heap of the best, as (-sign * value, number)
+        self._seen = -1  # trials up to this number are in the heap if they belong there
+
+    def select(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        if len(trials) <= 2 * self.size:
+            return trials
+        import bisect
+        import heapq
+
+        numbers = [t.number for t in trials]
+        for trial in trials[bisect.bisect_right(numbers, self._seen) :]:
+            if trial.state == TrialState.COMPLETE and trial.values:
+                item = (-self.sign * trial.values[0], trial.number)
+                (heapq.heappush if len(self._best) < self.size else heapq.heappushpop)(self._best, item)
+            self._seen = max(self._seen, trial.number) if trial.state.is_finished() else self._seen
+        keep = {number for _, number in self._best} | set(numbers[-self.size :])
+        keep |= {t.number for t in trials if t.state == TrialState.RUNNING}
+        return [t for t in trials if t.number in keep]
+
+
+class WindowedSampler(optuna.samplers.BaseSampler):
+    """``inner`` (TPE) modelling a bounded window of the study: the best ``size`` trials and the latest
+    ``size``. Its cost per ask stops growing with the study (TPE's own grows with every trial), and
+    the good region and the recent proposals (the constant liar's) are both in view."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, size: int, minimize: bool) -> None:
+        self.inner, self.size, self._window = inner, size, _Window(size, minimize)
+
+    def _view(self, study: optuna.Study) -> Any:
+        return _WindowedStudy(study, self._window)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()

@@ -58,6 +58,10 @@ def _set_aside(url: str) -> Optional[Path]:
     while aside.exists():
         aside, n = path.with_name(f"{path.name}.damaged.{n}"), n + 1
     path.rename(aside)
+    for suffix in ("-wal", "-shm"):  # its write-ahead log belongs to it, never to the new file
+        log_file = path.with_name(path.name + suffix)
+        if log_file.exists():
+            log_file.rename(aside.with_name(aside.name + suffix))
     return aside
 
 

@@ -48,6 +48,7 @@ from sweep.seeding import enqueue, plan_to_enqueue
 from sweep.spaces import SearchSpace, build_space
 from sweep.optuna_access import read_trial, retry_once
 from sweep.study import is_journal, open_sweep_study, retry_orphaned_trials, sweep_lock
+from sweep.study_index import StudyIndex
 from sweep.trial_work import TrialWork, merge_record
 from sweep.twins import TwinPlans
 
@@ -80,6 +81,7 @@ class TrialEnv:
     build_and_score: Callable[[optuna.Trial, LayerPlan], dict]  # plan -> record; raises on failure
     early_stop: EarlyStop
     objectives: list[str]
+    index: StudyIndex
 
 
 def run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
@@ -101,14 +103,14 @@ def _run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
     # 2. reuse a scored plan, or claim it: scored before; being scored by another worker; or scored
     # between those two reads
     study, key = trial.study, str(plan)
-    earlier = _scored(study, key) or env.twins.result_for(trial, key) or _scored(study, key)
+    earlier = _scored(study, key, env.index) or env.twins.result_for(trial, key) or _scored(study, key, env.index)
     if earlier is not None:
         return _reuse(trial, earlier, env)
 
     # 3. make room on disk, 4. build and score
     path = env.store.path(trial.number)
     try:
-        env.store.make_room(plan, trial.study.get_trials(deepcopy=False))
+        env.store.make_room(plan, env.index.trials)
         record = env.build_and_score(trial, plan)
     except DiskFull as err:
         raise StopSweep(str(err), status=2) from None
@@ -133,20 +135,23 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
         trial.set_user_attr(key, value)
 
 
-def _scored(study: optuna.Study, plan: str) -> Optional[FrozenTrial]:
-    """An earlier trial that scored (or pruned) this plan itself."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if trial.user_attrs.get(Field.PLAN) == plan and Field.CACHE_HIT_OF not in trial.user_attrs:
-            return trial
-    return None
+def _scored(study: optuna.Study, plan: str, index: StudyIndex) -> Optional[FrozenTrial]:
+    """An earlier trial that scored (or pruned) this plan itself, from the index brought up to date."""
+    trials = index.refresh(study)
+    number = index.scored.get(plan)
+    return trials[number] if number is not None else None
 
 
 def _reuse(trial: optuna.Trial, earlier: FrozenTrial, env: TrialEnv) -> list[float]:
-    """A cache hit: the earlier trial's record, its timings zeroed (nothing ran), its outcome repeated."""
-    _set_attrs(trial, {k: v for k, v in earlier.user_attrs.items() if k not in (Field.CLAIM, Field.WORKER)})
-    trial.set_user_attr(Field.CACHE_HIT_OF, earlier.user_attrs.get(Field.CACHE_HIT_OF, earlier.number))
+    """A cache hit: the earlier trial's record, its timings zeroed (nothing ran), its outcome repeated.
+    Each attribute is written once (each write is a storage commit, and most trials of a long sweep
+    are cache hits)."""
+    own, mine = (Field.CLAIM, Field.WORKER, Field.DRAWN, Field.ENQUEUED), trial.user_attrs  # not inherited; set already
+    attrs = {k: v for k, v in earlier.user_attrs.items() if k not in own and (k not in mine or mine[k] != v)}
     timings = [spec.seconds for spec in EVALS.values()] + [Field.MERGE_SECONDS]
-    _set_attrs(trial, {key: 0.0 for key in timings if key in earlier.user_attrs})
+    attrs.update({key: 0.0 for key in timings if key in earlier.user_attrs})
+    attrs[Field.CACHE_HIT_OF] = earlier.user_attrs.get(Field.CACHE_HIT_OF, earlier.number)
+    _set_attrs(trial, attrs)
     if earlier.state == TrialState.PRUNED:
         env.early_stop(trial, earlier.user_attrs[Field.PPL_EARLY])
         raise env.early_stop.pruned(earlier.user_attrs[Field.PPL_EARLY])
@@ -164,7 +169,8 @@ class Sweep:
         self.shape = self.backend.shape
         self.space = build_space(config.space_kind, self.shape, config.space)
         self.enqueue = [plan_to_enqueue(e, self.space, self.shape, config.space_kind) for e in config.sweep.enqueue]
-        self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials)
+        self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials,
+                                    config.sampler.window, config.directions[0] == "minimize")  # fmt: skip
         self.pruner = BaseRatioPruner(config.prune.max_ppl_ratio) if config.prune.max_ppl_ratio else None
         run = config.sweep
         self.store = ModelStore(self.directory, run.keep_top_k, run.disk_budget_bytes, run.disk_budget,
@@ -205,12 +211,13 @@ class Sweep:
             enqueue(study, self.enqueue, config, self.space, self.directory)
             write_study_record(self.directory, study)
             write_leaderboard(study, self.directory)
-            done = callbacks.n_done(study.get_trials(deepcopy=False))
-            if done >= run.n_trials:
-                log.info("sweep %s already has %d trials: nothing to do", run.name, done)
+            index = StudyIndex(config.objectives[0])
+            index.refresh(study)
+            if index.n_done >= run.n_trials:
+                log.info("sweep %s already has %d distinct plans done: nothing to do", run.name, index.n_done)
                 return study
             # the trials
-            self._optimize(study, self.work_type(self.backend, scorer, base), base, done)
+            self._optimize(study, self.work_type(self.backend, scorer, base), base, index)
             return study
 
     def _retry_orphans(self, study: optuna.Study) -> list[FrozenTrial]:
@@ -307,22 +314,25 @@ class Sweep:
         write_leaderboard(study, self.directory)
         stop.message += "; finished trials are saved, rerun the same command to resume"
 
-    def _optimize(self, study: optuna.Study, work: TrialWork, base: dict, done: int) -> None:
+    def _optimize(self, study: optuna.Study, work: TrialWork, base: dict, index: StudyIndex) -> None:
         config, run = self.config, self.config.sweep
         early_stop = EarlyStop(config.prune.max_ppl_ratio, base.get(Field.PPL_EARLY), len(config.objectives))
         twins = TwinPlans(self._fail_stale, config.storage.heartbeat_seconds)
         build_and_score = self._build_and_score(work, base, early_stop)
-        env = TrialEnv(self.space, self.store, twins, build_and_score, early_stop, config.objective_names)
-        trials = callbacks.TrialsRead()
-        bar = tqdm(total=run.n_trials, initial=done, desc=f"sweep {run.name}", unit="trial", disable=not run.progress,
-                   dynamic_ncols=True)  # fmt: skip
+        env = TrialEnv(self.space, self.store, twins, build_and_score, early_stop, config.objective_names, index)
+        bar = tqdm(total=run.n_trials, initial=index.n_done, desc=f"sweep {run.name}", unit="plan",
+                   disable=not run.progress, dynamic_ncols=True)  # fmt: skip
+        draw = callbacks.DrawUnscored(index, self.space, config.space_kind, run.max_repeats_in_a_row, run.seed)
+        leaderboard = callbacks.WriteLeaderboard(self.directory)
         after_trial = [
             callbacks.WriteRecord(self.directory),
             *([callbacks.FailStale(self._fail_stale)] if self.journal else []),
-            callbacks.KeepBest(self.store, trials),
-            callbacks.WriteLeaderboard(self.directory),
-            callbacks.Progress(bar, trials, config.objectives[0], base, run.timeout_seconds),
-            callbacks.StopWhenDone(run.n_trials, trials, lambda: self._stopping),
+            callbacks.Refresh(index),
+            draw,
+            *([callbacks.KeepBest(self.store, index)] if self.backend.writes_files else []),
+            leaderboard,
+            callbacks.Progress(bar, index, base, run.timeout_seconds),
+            callbacks.StopWhenDone(run.n_trials, index, draw, lambda: self._stopping),
         ]
         with self._signals(), bar:
             try:
@@ -331,3 +341,5 @@ class Sweep:
             except StopSweep as stop:
                 self._after_stop(study, stop)
                 raise
+            finally:
+                leaderboard.flush(study)

@@ -18,7 +18,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
 from merge_core.errors import SelfMergeError
-from sweep.optuna_access import set_system_attr
+from sweep.optuna_access import WindowedSampler, set_system_attr
 from sweep.spaces import SearchSpace
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "nsga2")
@@ -67,13 +67,17 @@ class PlanGridSampler(optuna.samplers.BaseSampler):
             study.stop()
 
 
-def make_sampler(kind: str, space: SearchSpace, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, space: SearchSpace, seed: int, n_startup_trials: int, window: int = 0,
+                 minimize: bool = True) -> optuna.samplers.BaseSampler:  # fmt: skip
+    """``window`` > 0: TPE models the best ``window`` trials and the latest ``window`` (bounded cost per
+    ask in long sweeps); ``minimize`` is the first objective's direction, which "best" follows."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
-        return optuna.samplers.TPESampler(
+        tpe = optuna.samplers.TPESampler(
             n_startup_trials=n_startup_trials, multivariate=True, group=True, constant_liar=True, seed=seed
         )
+        return WindowedSampler(tpe, window, minimize) if window else tpe
     if kind == "cmaes":
         return optuna.samplers.CmaEsSampler(n_startup_trials=n_startup_trials, seed=seed, warn_independent_sampling=False)
     if kind == "grid":

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,16 @@ def fast_overrides(name: str, text: Path, n_trials: int, results: Path) -> list[
         "eval.ppl.windows=2",
         "sampler=random",
     ]
+
+
+def start_marked_sweep(results: Path, text: Path, n_trials: int, marks: Path, pause: float, until: str) -> subprocess.Popen:
+    """tests/sweep_driver.py in its own process, once it has reached mark ``until`` (e.g. eval-1:
+    trial 1 merged, its evaluation paused ``pause`` seconds), for the kill and signal tests."""
+    driver = [sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(results), str(text), str(n_trials), str(marks), str(pause)]
+    proc = subprocess.Popen(driver, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (marks / until).exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"the sweep never reached {until}"
+        time.sleep(0.05)
+    return proc

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pandas as pd
@@ -17,7 +16,12 @@ from sweep import model_store
 from sweep.config import compose, load_config
 from sweep.runner import StopSweep, Sweep
 
-from conftest import REPO, fast_overrides, run_cli
+from conftest import REPO, fast_overrides, run_cli, start_marked_sweep
+
+
+def _distinct_done(study) -> int:
+    """Distinct plans scored: what sweep.n_trials counts (not repeats, not the failed trial retried)."""
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "cache_hit_of" not in t.user_attrs for t in study.trials)
 
 
 def _one_line_error(proc, fragment: str) -> None:
@@ -53,12 +57,7 @@ def test_refused_sweeps_leave_no_folder(tmp_path, wikitext_file):
 @pytest.mark.slow
 def test_sigterm_fails_the_running_trial_and_resumes_with_it(tmp_path, wikitext_file):
     results, marks = tmp_path / "results", tmp_path / "marks"
-    driver = [sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(results), str(wikitext_file), "4", str(marks), "2"]
-    proc = subprocess.Popen(driver, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (marks / "eval-1").exists():  # trial 1 merged, its evaluation paused
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc = start_marked_sweep(results, wikitext_file, 4, marks, pause=2, until="eval-1")  # trial 1 merged, evaluating
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr
@@ -70,13 +69,14 @@ def test_sigterm_fails_the_running_trial_and_resumes_with_it(tmp_path, wikitext_
     assert json.loads((folder / "trials" / "1.json").read_text())["error"] == "stopped by SIGTERM"
     stopped_plan = json.loads((folder / "trials" / "1.json").read_text())["plan"]
 
-    rerun = subprocess.run(driver[:-1] + ["0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    driver = [sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(results), str(wikitext_file), "4", str(marks), "0"]
+    rerun = subprocess.run(driver, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{folder / 'study.db'}")
     retry = study.trials[2]  # the next trial is the retry: same parameters, no error carried over
     assert retry.params == study.trials[1].params and retry.user_attrs["plan"] == stopped_plan
     assert retry.state == TrialState.COMPLETE and "error" not in retry.user_attrs
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+    assert _distinct_done(study) == 4
 
 
 @pytest.mark.slow
@@ -102,7 +102,7 @@ def test_a_full_disk_stops_the_sweep_with_one_line_and_resumes(tmp_path, wikitex
     monkeypatch.setattr(model_store.shutil, "disk_usage", real)  # space freed
     study = Sweep(config).run()
     assert study.trials[3].params == study.trials[2].params and study.trials[2].state == TrialState.FAIL
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+    assert _distinct_done(study) == 4
 
 
 @pytest.mark.slow

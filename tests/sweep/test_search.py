@@ -39,13 +39,16 @@ def _count_evaluations(monkeypatch):
 
 
 @pytest.mark.slow
-def test_identical_plans_are_scored_once(tmp_path, wikitext_file, monkeypatch):
+def test_identical_plans_are_scored_once_and_an_exhausted_space_stops(tmp_path, wikitext_file, monkeypatch, caplog):
     scored = _count_evaluations(monkeypatch)
-    study = _sweep(tmp_path, wikitext_file, "dedup", 9, *TINY_SPACE, "trial.isolate=false").run()
+    sweep = _sweep(tmp_path, wikitext_file, "dedup", 9, *TINY_SPACE, "trial.isolate=false", "sweep.max_repeats_in_a_row=3")
+    with caplog.at_level("INFO", logger="selfmerge"):
+        study = sweep.run()
+    assert "sweep stops: all 4 plans of space 'repeat_block' are scored" in caplog.text
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     plans = {t.user_attrs["plan"] for t in trials}
     hits = [t for t in trials if "cache_hit_of" in t.user_attrs]
-    assert len(trials) == 9 and len(plans) <= 4 and len(hits) == 9 - len(plans)
+    assert len(plans) == 4 and len(trials) - len(hits) == 4  # n_trials=9 asks for more plans than the space has
     assert len(scored) == 1 + len(plans)  # the base, then each distinct plan once
     for hit in hits:
         first = study.trials[hit.user_attrs["cache_hit_of"]]
@@ -55,6 +58,19 @@ def test_identical_plans_are_scored_once(tmp_path, wikitext_file, monkeypatch):
     for hit in hits:  # a plan proposed again shares its first trial's rank
         assert board.loc[str(hit.number), "rank"] == board.loc[str(hit.user_attrs["cache_hit_of"]), "rank"]
     assert sorted(board.loc[board["cache_hit_of"].isna() & (board["state"] == "COMPLETE"), "rank"]) == list(range(1, len(plans) + 1))
+
+
+@pytest.mark.slow
+def test_repeats_do_not_count_and_an_unscored_plan_is_drawn(tmp_path, wikitext_file):
+    space = ["space=uniform", "space.first_size=[8,12]", "space.jump=[3,4]", "space.n_middle=[0,0]"]
+    overrides = [*space, "trial.isolate=false", "sweep.max_repeats_in_a_row=1", "sampler=tpe", "sampler.n_startup_trials=1"]
+    study = _sweep(tmp_path, wikitext_file, "draw", 5, *overrides).run()
+    distinct = [t for t in study.trials if t.state.is_finished() and "cache_hit_of" not in t.user_attrs]
+    assert len(distinct) == 5 and len({t.user_attrs["plan"] for t in distinct}) == 5  # n_trials counts distinct plans
+    assert any(t.user_attrs.get("drawn") == "uniform" for t in study.trials)  # TPE repeated itself here
+    for trial in study.trials[1:]:  # after a repeat, the next trial is an unscored plan drawn uniformly
+        if "cache_hit_of" in study.trials[trial.number - 1].user_attrs:
+            assert trial.user_attrs.get("drawn") == "uniform" and "cache_hit_of" not in trial.user_attrs
 
 
 @pytest.mark.slow
@@ -112,4 +128,42 @@ def test_two_objectives_with_nsga2_mark_the_pareto_front(tmp_path, wikitext_file
 @pytest.mark.slow
 def test_cmaes_sweep_runs(tmp_path, wikitext_file):
     study = _sweep(tmp_path, wikitext_file, "cma", 4, "sampler=cmaes", "sampler.n_startup_trials=2").run()
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert sum(t.state.is_finished() and "cache_hit_of" not in t.user_attrs for t in study.trials) == 4
+
+
+def test_windowed_tpe_sees_the_best_and_the_latest_trials():
+    from optuna.distributions import IntDistribution
+
+    from sweep.optuna_access import WindowedSampler
+
+    study = optuna.create_study()
+    values = [((7 * n) % 1000) / 10 for n in range(2500)]
+    study.add_trials([optuna.trial.create_trial(value=v, params={"x": int(v)}, distributions={"x": IntDistribution(0, 100)})
+                      for v in values])  # fmt: skip
+    sampler = WindowedSampler(optuna.samplers.TPESampler(seed=0), size=300, minimize=True)
+    seen = sampler._view(study)._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    numbers = {t.number for t in seen}
+    best = sorted(range(2500), key=lambda n: (values[n], n))[:300]
+    assert len(seen) <= 600 and set(range(2200, 2500)) <= numbers and set(best) <= numbers
+    study.sampler = sampler
+    trial = study.ask()
+    assert 0 <= trial.suggest_int("x", 0, 100) <= 100  # TPE samples through the window
+
+
+def test_study_index_counts_distinct_plans_and_learns_incrementally():
+    from sweep.study_index import StudyIndex
+
+    study = optuna.create_study()
+    make = optuna.trial.create_trial
+    study.add_trial(make(value=12.0, user_attrs={"plan": "0-16,8-30", "ppl": 12.0}))
+    study.add_trial(make(value=12.0, user_attrs={"plan": "0-16,8-30", "ppl": 12.0, "cache_hit_of": 0}))
+    study.add_trial(make(state=TrialState.FAIL, user_attrs={"plan": "0-20,10-30"}))
+    index = StudyIndex(("ppl", "minimize"))
+    index.refresh(study)
+    assert (index.n_done, index.n_cache_hits, index.n_failed, index.best) == (2, 1, 1, 12.0)
+    assert index.scored == {"0-16,8-30": 0}
+    study.add_trial(make(state=TrialState.WAITING, system_attrs={"failed_trial": 2, "retry_history": [2]}))
+    study.add_trial(make(value=11.0, user_attrs={"plan": "0-12,6-30", "ppl": 11.0}))
+    index.refresh(study)  # the retry cancels its failure's count; the new plan counts
+    assert (index.n_done, index.best, index.waiting) == (2, 11.0, True)
+    assert index.scored == {"0-16,8-30": 0, "0-12,6-30": 4}

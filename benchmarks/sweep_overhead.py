@@ -1,0 +1,123 @@
+"""Per-trial time outside the evaluation as a study grows: the real sweep loop (sampler, cache hits,
+records, leaderboard, callbacks, storage) around a stub evaluation of ~0 s, on `space=free` (55,179
+plans) with TPE, on SQLite and (when a server binary is here) PostgreSQL.
+
+    python benchmarks/sweep_overhead.py [--at 100 1000 5000 20000] [--storages sqlite postgresql] [--window 1000]
+
+The study is filled to each checkpoint with finished trials of random plans (added in bulk, as a long
+sweep leaves them), then the sweep resumes for ``--measure`` trials there; a trial's time runs from
+its start to the next one's (the stub takes microseconds). Median and p95 per checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results" / "benchmarks"
+sys.path.insert(0, str(REPO / "tests"))
+
+import optuna  # noqa: E402
+
+from evals.schema import Field  # noqa: E402
+from pg_server import PostgresServer, find_bin_dir  # noqa: E402
+from sweep.config import compose, load_config  # noqa: E402
+from sweep.runner import Sweep  # noqa: E402
+from sweep.trial_work import TrialWork, merge_record  # noqa: E402
+
+
+
+class StubWork(TrialWork):
+    """No merge, no model: a fixed pseudo-score per plan (deeper plans worse, plus plan-seeded noise)."""
+
+    @staticmethod
+    def score(plan) -> float:
+        return 10.0 + 0.05 * abs(plan.n_layers - 36) + zlib.crc32(str(plan).encode()) % 1000 / 1000
+
+    def __call__(self, plan, out, stop_early) -> dict:
+        return {**merge_record(plan, 0.0, 0), Field.PPL: self.score(plan)}
+
+
+def _fill(study: optuna.Study, space, n: int, seed: int) -> None:
+    """Add finished trials of random plans until the study holds ``n`` trials."""
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    batch = []
+    for _ in range(n - len(study.trials)):
+        trial = draw.ask()
+        plan = space.suggest(trial)
+        ppl = StubWork.score(plan)
+        attrs = {**merge_record(plan, 0.0, 0), Field.PPL: ppl}
+        batch.append(optuna.trial.create_trial(value=ppl, params=trial.params, distributions=trial.distributions, user_attrs=attrs))
+    study.add_trials(batch)
+
+
+def _sweep(url: str, root: Path, n_trials: int, window: int) -> Sweep:
+    overrides = [
+        "sweep.name=overhead", f"sweep.n_trials={n_trials}", f"sweep.results_dir={root}", "sweep.progress=false",
+        f"storage.url={url}", "space=free", "sampler=tpe", f"sampler.window={window}", "trial.isolate=false",
+        "prune.max_ppl_ratio=null", "eval.ppl.n_ctx=128", "eval.ppl.windows=1", "sweep.keep_top_k=0",
+    ]  # fmt: skip
+    sweep = Sweep(load_config(compose(overrides)), work_type=StubWork)
+    sweep.backend.writes_files = False  # the stub writes nothing, as the torch backend
+    return sweep
+
+
+def run(url: str, root: Path, checkpoints: list[int], measure: int, window: int) -> dict:
+    rows = {}
+    for at in checkpoints:
+        opened = _sweep(url, root, 0, window)
+        study = opened.run()  # n_trials=0: opens the study (the base is scored once), runs no trial
+        _fill(study, opened.space, at, seed=at)
+        distinct = sum(t.state.is_finished() and Field.CACHE_HIT_OF not in t.user_attrs for t in study.get_trials(deepcopy=False))
+        started = time.perf_counter()
+        study = _sweep(url, root, distinct + measure // 4, window).run()  # repeats come on top: ~`measure` trials
+        starts = [t.datetime_start.timestamp() for t in study.get_trials(deepcopy=False)[at:][-measure:] if t.datetime_start]
+        per_trial = sorted(1000 * (b - a) for a, b in zip(starts, starts[1:]))
+        rows[at] = {"median_ms": round(statistics.median(per_trial), 2), "p95_ms": round(per_trial[int(0.95 * (len(per_trial) - 1))], 2),
+                    "trials": len(study.trials), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        print(at, rows[at], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--at", type=int, nargs="+", default=[100, 1000, 5000, 20000], help="study sizes to measure at")
+    parser.add_argument("--measure", type=int, default=100, help="sweep trials timed at each size")
+    parser.add_argument("--storages", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--window", type=int, default=1000, help="sampler.window (0: TPE over every trial)")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    results = {}
+    server = PostgresServer(find_bin_dir()) if "postgresql" in args.storages and find_bin_dir() else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            for storage in args.storages:
+                if storage == "postgresql" and server is None:
+                    print("postgresql: no server binary here, skipped")
+                    continue
+                url = server.start() if storage == "postgresql" else f"sqlite:///{root / storage / 'study.db'}"
+                results[storage] = run(url, root / storage, sorted(args.at), args.measure, args.window)
+    finally:
+        if server is not None:
+            server.stop()
+    print(f"{'storage':>10s} " + " ".join(f"{'@' + str(at) + ' med / p95 ms':>24s}" for at in sorted(args.at)))
+    for storage, rows in results.items():
+        print(f"{storage:>10s} " + " ".join(f"{rows[at]['median_ms']:>11.1f} / {rows[at]['p95_ms']:>8.1f}" for at in sorted(args.at)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"sweep_overhead_w{args.window}.json"
+    out.write_text(json.dumps({"measure": args.measure, "window": args.window, "storages": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
