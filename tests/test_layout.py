@@ -3,7 +3,6 @@
 
 import ast
 import re
-from pathlib import Path
 
 from evals.registry import EVALS
 
