@@ -33,6 +33,8 @@ bench: setup
 	$(BIN)/python benchmarks/eqbench_modes.py rank
 	$(BIN)/python benchmarks/torch_backend.py cpu
 	$(BIN)/python benchmarks/distributed_overhead.py
+	$(BIN)/python benchmarks/sweep_overhead.py
+	$(BIN)/python benchmarks/eqbench_batched.py cpu --items 4 --max-tokens 48
 
 clean:
 	rm -rf $(VENV) results/*/
