@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, ClassVar, Optional, Protocol
 
 from evals.llama_cpp_model import LlamaCppModel
 from merge_core.errors import SelfMergeError
-from merge_core.gguf_file import read_gguf_header
+from merge_core.gguf_file import GGUFHeader, read_gguf_header
 from merge_core.gguf_merge import merge_gguf, merged_size_bound
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import is_gguf, resolve_model_source
@@ -18,6 +19,13 @@ from merge_core.model_shape import ModelShape
 from sweep.config import BackendConfig
 
 log = logging.getLogger("selfmerge")
+
+
+@functools.lru_cache(maxsize=4)
+def _base_header(path: Path) -> GGUFHeader:
+    """The base GGUF's header, read once: every trial asks for a size bound before its merge, and the
+    base does not change during a sweep (kept out of the backend, which is pickled into each child)."""
+    return read_gguf_header(path)
 
 
 class Backend(Protocol):
@@ -78,7 +86,7 @@ class LlamaCppBackend:
 
     @property
     def shape(self) -> ModelShape:
-        return ModelShape.from_gguf_header(read_gguf_header(self.base))
+        return ModelShape.from_gguf_header(_base_header(self.base))
 
     def build(self, plan: LayerPlan, out: Path) -> Path:
         if self.merge_from == self.base:
@@ -93,7 +101,7 @@ class LlamaCppBackend:
             unquantized.unlink(missing_ok=True)
 
     def size_bound(self, plan: LayerPlan) -> int:
-        return merged_size_bound(read_gguf_header(self.base), plan)
+        return merged_size_bound(_base_header(self.base), plan)
 
     def n_bytes(self, model: Path) -> int:
         return model.stat().st_size

@@ -8,6 +8,8 @@ the one module to change.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from typing import Any, Union
 
 import optuna
@@ -91,9 +93,6 @@ class _Window:
     def select(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
         if len(trials) <= 2 * self.size:
             return trials
-        import bisect
-        import heapq
-
         numbers = [t.number for t in trials]
         for trial in trials[bisect.bisect_right(numbers, self._seen) :]:
             if trial.state == TrialState.COMPLETE and trial.values:

@@ -100,10 +100,11 @@ def _run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
     _set_attrs(trial, env.space.derived(plan))
     _set_attrs(trial, {Field.PLAN: str(plan), Field.N_LAYERS: plan.n_layers, Field.WORKER: WORKER})
 
-    # 2. reuse a scored plan, or claim it: scored before; being scored by another worker; or scored
-    # between those two reads
+    # 2. reuse a scored plan, or claim it: scored before (the index as of the last trial); being scored
+    # by another worker; or finished since (the index brought up to date)
     study, key = trial.study, str(plan)
-    earlier = _scored(study, key, env.index) or env.twins.result_for(trial, key) or _scored(study, key, env.index)
+    earlier = (_scored(key, env.index) or env.twins.result_for(trial, key)
+               or _scored(key, env.index.refresh(study)))  # fmt: skip
     if earlier is not None:
         return _reuse(trial, earlier, env)
 
@@ -135,11 +136,10 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
         trial.set_user_attr(key, value)
 
 
-def _scored(study: optuna.Study, plan: str, index: StudyIndex) -> Optional[FrozenTrial]:
-    """An earlier trial that scored (or pruned) this plan itself, from the index brought up to date."""
-    trials = index.refresh(study)
+def _scored(plan: str, index: StudyIndex) -> Optional[FrozenTrial]:
+    """An earlier trial that scored (or pruned) this plan itself, as the index knows it."""
     number = index.scored.get(plan)
-    return trials[number] if number is not None else None
+    return index.trials[number] if number is not None else None
 
 
 def _reuse(trial: optuna.Trial, earlier: FrozenTrial, env: TrialEnv) -> list[float]:

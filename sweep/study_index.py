@@ -38,8 +38,8 @@ class StudyIndex:
         """A trial is enqueued and not taken yet (e.g. a dead worker's, retried)."""
         return bool(self._waiting)
 
-    def refresh(self, study: optuna.Study) -> list[FrozenTrial]:
-        """Digest what changed since the last refresh; returns the study's trials as read."""
+    def refresh(self, study: optuna.Study) -> StudyIndex:
+        """Digest what changed since the last refresh (``trials`` holds the study's trials as read)."""
         trials = study.get_trials(deepcopy=False)
         for number in [*sorted(self._open), *range(self._next, len(trials))]:
             trial = trials[number]
@@ -56,7 +56,7 @@ class StudyIndex:
                 self._open.add(number)
         self._next, self.trials = len(trials), trials
         self._waiting = [n for n in self._open if trials[n].state == TrialState.WAITING]
-        return trials
+        return self
 
     def _digest(self, trial: FrozenTrial) -> None:
         attrs = trial.user_attrs
