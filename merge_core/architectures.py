@@ -55,6 +55,8 @@ ARCHITECTURES = (
     Architecture("llama", ("LlamaForCausalLM",), ("llama",), gguf_arch="llama", permute_qk=True),
     Architecture("mistral", ("MistralForCausalLM",), ("mistral",), gguf_arch="llama", permute_qk=True),
     Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), gguf_arch="qwen2", permute_qk=False),
+    # Qwen3: Qwen2 without q/k/v biases, with an RMSNorm on each head's queries and keys (attn_q_norm, attn_k_norm)
+    Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), gguf_arch="qwen3", permute_qk=False),
 )
 _BY_CLASS = {cls: arch for arch in ARCHITECTURES for cls in arch.hf_classes}
 _BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}

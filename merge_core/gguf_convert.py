@@ -20,6 +20,7 @@ from merge_core.errors import SelfMergeError, read_json
 from merge_core.hf_checkpoint import HFCheckpoint
 
 OUT_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}
+ROPE_TYPES = ("default", "linear", "llama3")  # llama3: written as the rope_freqs tensor (llama3_rope_factors)
 GGUF_ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "llama" -> gguf.MODEL_ARCH.LLAMA
 # tokenizer.json pre-tokenizers llama.cpp knows, by what they split on -> its tokenizer.ggml.pre name
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -96,13 +97,39 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
     gguf.SpecialVocab(folder, load_merges=not model.get("byte_fallback"), n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
+def _rope(config: dict) -> tuple[dict, str]:
+    """The RoPE parameters (transformers 5's ``rope_parameters``, or 4's ``rope_scaling``) and their type."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise SelfMergeError(f"rope scaling {rope_type!r} is not supported by GGUF conversion here (default, linear); use backend=torch")
+    if rope_type not in ROPE_TYPES:
+        raise SelfMergeError(f"rope scaling {rope_type!r} is not supported by GGUF conversion here ({', '.join(ROPE_TYPES)}); use backend=torch")
+    return rope, rope_type
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Llama 3.x's frequency-dependent RoPE scaling as llama.cpp reads it: a ``rope_freqs`` tensor of one
+    divisor per rotary frequency (1 for short wavelengths, ``factor`` for long ones, smooth between),
+    computed as transformers' ``_compute_llama3_parameters`` scales the inverse frequencies."""
+    rope, _ = _rope(config)
+    dim, base = _head_dim(config), float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old_context = float(rope["original_max_position_embeddings"])
+    wavelengths = 2 * np.pi / base ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = np.clip((old_context / wavelengths - low) / (high - low), 0.0, 1.0)
+    factors = 1 / ((1 - smooth) / factor + smooth)
+    factors[wavelengths < old_context / high] = 1.0
+    factors[wavelengths > old_context / low] = factor
+    return factors.astype(np.float32)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
+    rope, rope_type = _rope(config)
     n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    head_dim = _head_dim(config)
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
@@ -160,6 +187,10 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
             shape = checkpoint.tensors[hf_name].shape
             n_bytes = int(np.prod(shape)) * (4 if ggml_type == gguf.GGMLQuantizationType.F32 else 2)
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if ggml_type == gguf.GGMLQuantizationType.F32 else np.float16), n_bytes, raw_dtype=ggml_type)
+        rope_freqs = llama3_rope_factors(config) if _rope(config)[1] == "llama3" else None
+        if rope_freqs is not None:  # outside the layers: a self-merge keeps it as it is
+            writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs.shape, rope_freqs.dtype,
+                                   rope_freqs.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)  # fmt: skip
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -175,6 +206,8 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
                 elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
                     tensor = _rope_to_interleaved(tensor, n_head_kv)
                 writer.write_tensor_data(_encode(tensor, ggml_type))
+            if rope_freqs is not None:
+                writer.write_tensor_data(rope_freqs)
         finally:
             writer.close()
     return out_path

@@ -1,5 +1,6 @@
-"""The Hugging Face path on tiny random Llama / Mistral / Qwen2 checkpoints: safetensors passthrough,
-GGUF conversion and quantization, the in-memory torch backend, and their agreement."""
+"""The Hugging Face path on tiny random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 checkpoints:
+safetensors passthrough, GGUF conversion and quantization, the in-memory torch backend, and their
+agreement."""
 
 import json
 
@@ -26,7 +27,7 @@ PLAN = LayerPlan.parse("0-4,2-6,3-6")  # layers 2 and 3 twice, 3 three times: 11
 TEXT = "Return the number of items in a container, or raise TypeError if it has no length. " * 12
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "llama3", "mistral", "qwen2", "qwen3"])
 def tiny(request, tmp_path_factory):
     """A tiny random model; the Llama one is sharded (index.json) to exercise that path."""
     shard = "150KB" if request.param == "llama" else None
