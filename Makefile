@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/distributed_overhead.py
 	$(BIN)/python benchmarks/sweep_overhead.py
 	$(BIN)/python benchmarks/eqbench_batched.py cpu --items 4 --max-tokens 48
+	$(BIN)/python benchmarks/probe_transfer.py
 
 clean:
 	rm -rf $(VENV) results/*/

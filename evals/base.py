@@ -36,6 +36,26 @@ class Evaluation(Protocol):
         ...
 
 
+class ItemEvaluation(Evaluation, Protocol):
+    """An evaluation over separate items, which validation (sweep/validation.py) scores a few items at
+    a time, writing each item's row as it finishes, so a killed validation resumes where it stopped."""
+
+    def item_ids(self) -> list[str]: ...
+
+    def score_items(self, model: Any, ids: list[str], progress: bool = False) -> list[dict]:
+        """One JSON-able row per item of ``ids``, in that order."""
+        ...
+
+    def summarize_items(self, rows: list[dict], base: Optional[Mapping]) -> dict:
+        """The record fields ``record`` would return, from the rows of every item."""
+        ...
+
+
+def question_key(text: str) -> str:
+    """What makes two items the same question, whatever their spacing or case."""
+    return " ".join(text.split()).lower()
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     name: str  # eval=<name>, conf/eval/<name>.yaml, and the record field of its objective
@@ -45,3 +65,4 @@ class EvalSpec:
     columns: tuple[str, ...]  # leaderboard columns, the objective first
     scores: tuple[str, ...]  # fields ``selfmerge reproduce`` re-scores and compares
     seconds: str  # the field holding its wall time (trial.timeout=auto, cache hits)
+    questions: Optional[Callable[[Any], set[str]]] = None  # config -> question_key of each item it asks

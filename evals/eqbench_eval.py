@@ -13,6 +13,8 @@ implements the same ones), through the model's own chat template.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,17 +23,17 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from evals.base import EvalContext, EvalSpec, StopEarly, never
+from evals.base import EvalContext, EvalSpec, StopEarly, never, question_key
 from evals.eqbench import EQBenchResult, ItemRecord, item_score, score_answers, summarize
 from evals.eqbench_items import EQItem, load_items, subset
 from evals.llama_cpp_model import LlamaCppModel
+from evals.probes import FIRST_PASS_HEADING, ProbeItem, answer_masses, prepare
 from evals.schema import Field
 from merge_core.errors import SelfMergeError
 
 MODES = ("generate", "logits")
 LOGITS_SCORES = ("expected", "argmax")
 SCORE_VALUES = tuple(range(11))
-FIRST_PASS_HEADING = "First pass scores:\n"
 
 
 class ChatModel(Protocol):
@@ -58,41 +60,13 @@ def answer_by_generation(model: ChatModel, items: list[EQItem], max_tokens: int,
 
 
 # -- logits mode ------------------------------------------------------------------------------
-def _common_prefix(sequences: list[list[int]]) -> int:
-    n = 0
-    while all(len(s) > n for s in sequences) and len({s[n] for s in sequences}) == 1:
-        n += 1
-    return n
-
-
 def score_distribution(model: ChatModel, prompt: list[int], answer_so_far: str) -> np.ndarray:
     """P(score = 0..10) for the next ``Emotion: <score>``, over the tokenizer's own spelling of each
-    number: " 10" may be one token or " 1" then "0", so each score is a path of tokens and its
-    probability the product along it, less the mass of longer scores passing through it."""
-    spelled = [model.tokenize(f"{answer_so_far} {value}") for value in SCORE_VALUES]
-    shared = _common_prefix(spelled)
-    paths = [tuple(tokens[shared:]) for tokens in spelled]
-    if any(not path for path in paths):
-        raise SelfMergeError("the tokenizer spells two scores the same way; logits mode cannot tell them apart")
-    context = prompt + spelled[0][:shared]
-    logprobs: dict[tuple, np.ndarray] = {}
-
-    def path_probability(path: tuple) -> float:
-        total = 0.0
-        for depth, token in enumerate(path):
-            head = path[:depth]
-            if head not in logprobs:
-                logprobs[head] = model.next_token_logprobs(context + list(head))
-            total += logprobs[head][token]
-        return float(np.exp(total))
-
-    through = np.array([path_probability(path) for path in paths])
-    ending = through.copy()
-    for i, path in enumerate(paths):
-        for j, longer in enumerate(paths):
-            if j != i and len(longer) > len(path) and longer[: len(path)] == path:
-                ending[i] -= through[j]
-    ending = np.clip(ending, 0.0, None)
+    number (" 10" may be one token or " 1" then "0"), normalised over the scores. A model that no
+    longer answers in the format gets the uniform distribution here; probes gate it (evals/probes.py)."""
+    rating = ProbeItem(Field.EQBENCH, "", "", 0, "rating", f"{answer_so_far} ", scale=(SCORE_VALUES[0], SCORE_VALUES[-1]))
+    prepared = prepare(model, rating, prompt)
+    ending = answer_masses(model, prepared.context, prepared.paths)
     if ending.sum() <= 0:
         return np.full(len(SCORE_VALUES), 1 / len(SCORE_VALUES))
     return ending / ending.sum()
@@ -127,7 +101,7 @@ def check_options(mode: str, logits_score: str, max_tokens: int, n_items: int) -
 
 @dataclass(frozen=True)
 class EQBenchConfig:
-    questions: str = "offline"  # "offline" (shipped), a v2 question JSON/CSV, or hf:OWNER/NAME (online)
+    questions: str = "offline"  # "offline" (32 shipped), "official" (the 171 v2, shipped), a v2 JSON/CSV, hf:OWNER/NAME
     n_items: int = 0  # a fixed random subset of this many items (0 = all), for faster sweeps
     seed: int = 0  # which subset
     mode: str = "generate"  # generate (the benchmark as published) or logits (one pass, no generation)
@@ -178,20 +152,44 @@ class EQBenchEval:
                 return answer_by_logits(model, self.items, self.logits_score, progress)
             return answer_by_generation(model, self.items, self.max_tokens, progress)
 
-
     def record(self, model, base: Optional[Mapping], progress: bool = False,
                stop_early: StopEarly = never) -> dict:  # fmt: skip
         start = time.perf_counter()
-        result = self(model, progress=progress)
-        return {
-            Field.EQBENCH: round(result.score, 3),
-            Field.EQBENCH_PARSE_RATE: round(result.parse_rate, 3),
-            Field.EQBENCH_USED: result.used,
-            Field.EQBENCH_FIRST_PASS: round(result.first_pass_score, 3),
-            Field.EQBENCH_REVISED: round(result.revised_score, 3),
-            Field.EQBENCH_SECONDS: round(time.perf_counter() - start, 2),
-            Field.EQBENCH_ITEMS: [asdict(r) for r in result.records],  # why a plan scored as it did
-        }
+        return _fields(self(model, progress=progress), time.perf_counter() - start)
+
+    # -- item by item (validation: evals/base.py ItemEvaluation) --------------------------------
+    def item_ids(self) -> list[str]:
+        return [item.id for item in self.items]
+
+    def score_items(self, model, ids: list[str], progress: bool = False) -> list[dict]:
+        wanted = set(ids)
+        part = copy.copy(self)
+        part.items = [item for item in self.items if item.id in wanted]
+        start = time.perf_counter()
+        records = part(model, progress=progress).records
+        seconds = (time.perf_counter() - start) / max(len(records), 1)
+        return [{**asdict(record), "seconds": seconds} for record in records]
+
+    def summarize_items(self, rows: list[dict], base: Optional[Mapping]) -> dict:
+        fields = {f.name for f in dataclasses.fields(ItemRecord)}
+        return _fields(summarize([ItemRecord(**{k: v for k, v in row.items() if k in fields}) for row in rows]),
+                       sum(row.get("seconds", 0.0) for row in rows))  # fmt: skip
+
+
+def _fields(result: EQBenchResult, seconds: float) -> dict:
+    return {
+        Field.EQBENCH: round(result.score, 3),
+        Field.EQBENCH_PARSE_RATE: round(result.parse_rate, 3),
+        Field.EQBENCH_USED: result.used,
+        Field.EQBENCH_FIRST_PASS: round(result.first_pass_score, 3),
+        Field.EQBENCH_REVISED: round(result.revised_score, 3),
+        Field.EQBENCH_SECONDS: round(seconds, 2),
+        Field.EQBENCH_ITEMS: [asdict(r) for r in result.records],  # why a plan scored as it did
+    }
+
+
+def _questions(config: EQBenchConfig) -> set[str]:
+    return {question_key(item.prompt) for item in subset(load_items(config.questions), config.n_items, config.seed)}
 
 
 SPEC = EvalSpec(
@@ -202,4 +200,5 @@ SPEC = EvalSpec(
     columns=(Field.EQBENCH, Field.EQBENCH_PARSE_RATE),
     scores=(Field.EQBENCH, Field.EQBENCH_PARSE_RATE),
     seconds=Field.EQBENCH_SECONDS,
+    questions=_questions,
 )

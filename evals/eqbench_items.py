@@ -2,6 +2,8 @@
 
 Sources (``eval.eqbench.questions``):
   offline                 the set written for selfmerge, shipped in the package (evals/data/)
+  official                the 171 official v2 questions, shipped (EQ-Bench by Samuel Paech, MIT licence
+                          in evals/data/eqbench_v2_LICENSE.txt): held out from the offline set
   PATH.json               the official v2 file: {id: {prompt, reference_answer_fullscale, ...}}
   PATH.csv                the same fields as a CSV (the Hugging Face dataset's layout)
   hf:OWNER/NAME           a Hugging Face dataset in that layout, e.g. hf:pbevan11/EQ-Bench (online)
@@ -22,6 +24,7 @@ import yaml
 from merge_core.errors import SelfMergeError
 
 OFFLINE = "offline"
+OFFICIAL = "official"
 _EMOTION_NAME = re.compile(r"\w+")  # the v2 parser reads `(\w+):\s+(\d+)`: other names never parse
 
 
@@ -138,6 +141,9 @@ def load_offline_items() -> list[EQItem]:
 def load_items(source: str) -> list[EQItem]:
     if source == OFFLINE:
         return load_offline_items()
+    if source == OFFICIAL:
+        with resources.as_file(resources.files("evals").joinpath("data/eqbench_v2_official.json")) as path:
+            return load_questions(path)
     if source.startswith("hf:"):
         return load_hf_questions(source[3:])
     if source.endswith(".csv"):

@@ -26,6 +26,8 @@ class Field:
     N_TOKENS_SCORED = "n_tokens_scored"
     EVAL_SECONDS = "eval_seconds"
     PRUNED = "pruned"  # the scoring stopped after the early stage
+    KLD = "kld"  # eval.ppl.kld: mean KL divergence of the plan's next-token distribution from the base's
+    TOP1_AGREEMENT = "top1_agreement"  # share of scored tokens whose most likely token is the base's
 
     # EQ-Bench (evals/eqbench_eval.py)
     EQBENCH = "eqbench"
@@ -35,6 +37,18 @@ class Field:
     EQBENCH_REVISED = "eqbench_revised"
     EQBENCH_SECONDS = "eqbench_seconds"
     EQBENCH_ITEMS = "eqbench_items"  # per-item records: why a plan scored as it did
+
+    # probes (evals/probe_eval.py): means over probes, each probe weighing the same
+    PROBE = "probe"  # the objective: eval.probe.metric's mean
+    PROBE_ACCURACY = "probe_accuracy"
+    PROBE_LOGPROB = "probe_logprob"
+    PROBE_SCORE = "probe_score"
+    PROBE_COVERAGE = "probe_coverage"  # probability on valid answers
+    PROBE_ENTROPY = "probe_entropy"
+    PROBE_GATED = "probe_gated"  # share of items under the coverage gate, scored at the floor
+    PROBE_BY_NAME = "probe_by_name"  # {probe: {metric: mean}}
+    PROBE_SECONDS = "probe_seconds"
+    PROBE_ITEMS = "probe_items"  # per-item scores; the base's coverage per item gates the plans
 
     # lm-eval (evals/lm_eval_bridge.py)
     LM_EVAL = "lm_eval"
@@ -53,6 +67,10 @@ class Field:
     PRIOR_COST = "prior_cost"
     REPAIRED_PARAMS = "repaired_params"
 
+    # validation (sweep/validation.py): leaderboard columns, "validated_" + an evaluation's objective
+    VALIDATED = "validated_"
+    FINAL_RANK = "final_rank"  # rank by the first validated score
+
 
 class StudyKey:
     """Study-wide user attributes."""
@@ -63,3 +81,4 @@ class StudyKey:
     MODEL_HF_ID = "model_hf_id"
     N_BASE_LAYERS = "n_base_layers"
     PRIOR_ENQUEUED = "prior_enqueued"
+    VALIDATION = "validation"  # {top_k, evals}: how `selfmerge validate` re-checks the best plans

@@ -90,24 +90,33 @@ class TorchModel:
         return bos if bos is not None and with_special and with_special[0] == bos else None
 
     # -- perplexity -------------------------------------------------------------------------
+    def _scored_logits(self, ids: torch.Tensor, first: int) -> torch.Tensor:
+        """Logits predicting ``ids[:, first + 1:]``: the decoder layers one by one, the head on the scored half."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+        position_embeddings = inner.rotary_emb(hidden, position_ids=positions)
+        for layer in inner.layers:
+            hidden = self.layer_fn(layer, hidden, position_embeddings)
+        return self.model.lm_head(inner.norm(hidden[:, first:-1]))
+
     @torch.inference_mode()
     def windows_nll(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
         """-log p of ``window[first + 1:]`` for each window, one forward pass per batch of windows."""
-        inner = self.model.model
         results = []
         for start in range(0, len(windows), self.batch_windows):
             ids = torch.tensor(windows[start : start + self.batch_windows], device=self.device)
-            hidden = inner.embed_tokens(ids)
-            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            position_embeddings = inner.rotary_emb(hidden, position_ids=positions)
-            for layer in inner.layers:
-                hidden = self.layer_fn(layer, hidden, position_embeddings)
-            logits = self.model.lm_head(inner.norm(hidden[:, first:-1]))
+            logits = self._scored_logits(ids, first)
             targets = ids[:, first + 1 :]
             log_norm = torch.logsumexp(logits.float(), dim=-1)
             picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
             results.extend((log_norm - picked).double().cpu().numpy())
         return results
+
+    @torch.inference_mode()
+    def scored_logits(self, window: Sequence[int], first: int) -> np.ndarray:
+        """Raw logits predicting ``window[first + 1:]`` (one row per token), as LlamaCppModel's."""
+        return self._scored_logits(torch.tensor([list(window)], device=self.device), first)[0].float().cpu().numpy()
 
     def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
         return self.windows_nll([window], first)[0]

@@ -1,4 +1,5 @@
-"""The ``selfmerge`` command: sweep, leaderboard, report, reproduce, plans, analyze, merge, eval, eqbench.
+"""The ``selfmerge`` command: sweep, leaderboard, report, reproduce, validate, plans, analyze, merge, eval,
+eqbench.
 
 Bad input prints one line, ``selfmerge: error: ...``, and exits with status 2.
 """
@@ -6,6 +7,7 @@ Bad input prints one line, ``selfmerge: error: ...``, and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +54,7 @@ def cmd_sweep(overrides: list[str]) -> None:
             config = load_config(cfg)
             sweep = Sweep(config)
             study = sweep.run()
+            sweep.validate(study)
             print_leaderboard(leaderboard_frame(study, config.sweep.directory), top=10)
             print(f"leaderboard: {config.sweep.directory / 'leaderboard.csv'}")
         except SelfMergeError as err:
@@ -103,7 +106,8 @@ def print_leaderboard(frame, top: int = 10) -> None:
     from sweep.records import distinct_plans
 
     scores = [c for spec in EVALS.values() for c in spec.columns if c != Field.PPL_EARLY]  # early ppl: a pruning aid
-    columns = ["rank", "trial", Field.PLAN, Field.N_LAYERS, *scores, Field.EVAL_SECONDS, "state", "pareto"]
+    validated = [c for c in frame if c.startswith(Field.VALIDATED) or c == Field.FINAL_RANK]
+    columns = ["rank", "trial", Field.PLAN, Field.N_LAYERS, *scores, *validated, Field.EVAL_SECONDS, "state", "pareto"]
     columns = [c for c in columns if c in ("rank", "trial", Field.PLAN, "state") or (c in frame and frame[c].notna().any())]
     distinct = distinct_plans(frame)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
@@ -151,6 +155,25 @@ def cmd_reproduce(args) -> None:
     path, study = _open_results(args.results, args.storage)
     formats = args.format.split(",") if args.format else None
     reproduce(study, path, trial_number=None if args.best else args.trial, out_dir=Path(args.out), threads=args.threads, formats=formats)
+
+
+def cmd_validate(args, overrides: list[str]) -> None:
+    from sweep.records import write_leaderboard
+    from sweep.reproduce import sweep_backend
+    from sweep.validation import settings_for, validate
+
+    _quiet_optuna()
+    path, study = _open_results(args.results, args.storage)
+    only = args.only.split(",") if args.only else None
+    top_k, evals = settings_for(study, args.top, only, tuple(overrides))
+    if not top_k or not evals:
+        raise SelfMergeError("nothing to validate: pass --top K and the held-out benchmark, e.g. eqbench.questions=FILE")
+    frame = validate(study, path, sweep_backend(study, path)[2], top_k, evals, args.threads)
+    if frame is None:
+        raise SelfMergeError(f"another process is validating {path} now")
+    write_leaderboard(study, path)
+    print(frame.to_string(index=False))
+    print(json.loads((path / "validation" / "summary.json").read_text())["verdict"])
 
 
 # -- plans / merge / eval ---------------------------------------------------------------------
@@ -307,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--threads", type=int)
 
+    p = sub.add_parser("validate", help="score a sweep's best plans and the base again on held-out items [EVAL.KEY=VALUE ...]")
+    p.add_argument("results", help="results/<sweep> folder")
+    p.add_argument("--top", type=int, help="plans validated (default: the sweep's sweep.validate.top_k, else 5)")
+    p.add_argument("--only", help="comma-separated evaluations of the validation to run, e.g. eqbench")
+    p.add_argument("--storage")
+    p.add_argument("--threads", type=int)
+
     p = sub.add_parser("plans", help="count or sample the valid plans of a space: selfmerge plans --count [overrides]")
     p.add_argument("--count", action="store_true", help="enumerate the space and print how many distinct plans it has")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="print N plans drawn at random")
@@ -361,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         return cmd_sweep(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("plans", "analyze"):
+    if extra and args.command not in ("plans", "analyze", "validate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "plans" and not (args.count or args.sample):
         parser.error("plans needs --count and/or --sample N")
@@ -370,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_plans(args, extra)
         elif args.command == "analyze":
             cmd_analyze(args, extra)
+        elif args.command == "validate":
+            cmd_validate(args, extra)
         else:
             commands = {"leaderboard": cmd_leaderboard, "report": cmd_report, "reproduce": cmd_reproduce, "merge": cmd_merge,
                         "eval": cmd_eval, Field.EQBENCH: cmd_eqbench, "rebuild": cmd_rebuild}  # fmt: skip

@@ -3,6 +3,7 @@ so a wrong type or an unknown key is caught once, with the key's name, before an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,7 +24,8 @@ from sweep.samplers import SAMPLERS
 from sweep.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-OBJECTIVES = (*EVALS, Field.N_LAYERS)  # each evaluation's score, and depth (minimized unless told)
+# each evaluation's score, depth and damage (eval.ppl.kld), the last two minimized unless told
+OBJECTIVES = (*EVALS, Field.N_LAYERS, Field.KLD)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,21 @@ class TrialConfig:
 
 
 @dataclass(frozen=True)
+class ValidateConfig:
+    """When the search ends, the best plans and the base scored again on held-out items with the full
+    benchmark in its published mode (sweep/validation.py): probe gains often fail to transfer."""
+
+    top_k: Optional[int] = None  # plans validated; None = 5 when a probe or EQ-Bench logits mode is the objective, else 0
+    evals: Optional[dict[str, Any]] = None  # {eval: {settings}}; None = the objective's held-out benchmark
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 0:
+            raise SelfMergeError(f"sweep.validate.top_k={self.top_k} is out of range: must be >= 0 (0 = no validation)")
+        for name in self.evals or {}:
+            get_eval(name)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     n_trials: int = 30  # trials in the study (the base model, scored beside them, not counted)
@@ -185,6 +202,7 @@ class RunConfig:
     objectives: Optional[tuple[str, ...]] = None  # None = one per eval; e.g. [ppl, n_layers] or [ppl, "n_layers:maximize"]
     enqueue: tuple[str, ...] = ()  # plans to score first: "0-16,8-30" or a mergekit YAML file
     max_repeats_in_a_row: int = 20  # proposals of scored plans in a row before an unscored plan is drawn
+    validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -245,6 +263,9 @@ class SweepConfig:
             if name in EVALS and section is None:
                 raise SelfMergeError(f"sweep.objectives: {name} needs eval {name}, but eval is {self.eval.kinds}: "
                                      "add it, e.g. eval=[ppl,eqbench]")  # fmt: skip
+            ppl = self.eval.get(Field.PPL)
+            if name == Field.KLD and not (ppl is not None and ppl.kld):
+                raise SelfMergeError("sweep.objectives: kld needs eval.ppl.kld=true (and ppl among the evals)")
             objectives.append((name, direction))
         if not objectives:
             raise SelfMergeError("sweep.objectives is empty: name at least one, e.g. [ppl]")

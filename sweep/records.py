@@ -39,6 +39,7 @@ def leaderboard_columns(evals: Iterable[str] = tuple(EVALS)) -> list[str]:
 
 
 LEADERBOARD_COLUMNS = leaderboard_columns()  # every evaluation's
+VALIDATION_DIR = "validation"  # sweep/validation.py writes there; the leaderboard reads its summary
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -141,6 +142,21 @@ def leaderboard_frame(study: optuna.Study, directory: Path | None = None) -> pd.
     board = board.reindex(columns=columns)
     for column in INTEGER_COLUMNS:
         board[column] = pd.to_numeric(board[column]).astype("Int64")
+    return with_validation(board, directory)
+
+
+def with_validation(board: pd.DataFrame, directory: Path | None) -> pd.DataFrame:
+    """The validated scores beside each validated plan, and the final rank by the first of them."""
+    summary = directory / VALIDATION_DIR / "summary.json" if directory is not None else None
+    if summary is None or not summary.is_file():
+        return board
+    models = json.loads(summary.read_text(encoding="utf-8"))["models"]
+    columns = [key for key in models[0] if key.startswith(Field.VALIDATED)] + [Field.FINAL_RANK] if models else []
+    by_plan = {model[Field.PLAN]: model for model in models}
+    for position, column in enumerate(columns):
+        values = [by_plan.get(plan, {}).get(column) if state in ("BASE", "COMPLETE") else None
+                  for plan, state in zip(board[Field.PLAN], board["state"])]  # fmt: skip
+        board.insert(4 + position, column, pd.Series(values, index=board.index, dtype="Int64" if column == Field.FINAL_RANK else "Float64"))
     return board
 
 

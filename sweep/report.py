@@ -7,11 +7,13 @@ importance.png   which search parameters matter (Optuna's fANOVA on the complete
 layer_maps.png   the best plans drawn as which base layer sits at each output position
 repeat_map.png   RYS's picture: the score of every plan that repeats one block (i, j) once, over start
                  and end layer, coloured around the base's score; repeat_map.html the same with hover
+validation.png   the sweep's score against the held-out benchmark's (selfmerge validate), with Spearman
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from optuna.trial import TrialState
 
 from evals.schema import Field, StudyKey
 from merge_core.layer_plan import LayerPlan
-from sweep.records import distinct_plans, leaderboard_frame
+from sweep.records import VALIDATION_DIR, distinct_plans, leaderboard_frame
 
 log = logging.getLogger("selfmerge")
 
@@ -258,6 +260,30 @@ def prior_agreement(frame: pd.DataFrame, name: str, direction: str, directory: P
             f"is number {place} of {len(scored)} in the prior's order.</p>\n")  # fmt: skip
 
 
+def plot_validation(directory: Path) -> tuple[Path | None, str]:
+    """The sweep's objective against the first validated score, one point per validated model."""
+    summary_path = directory / VALIDATION_DIR / "summary.json"
+    if not summary_path.is_file():
+        return None, ""
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    frame = pd.DataFrame(summary["models"])
+    objective, validated = summary["objective"], Field.VALIDATED + summary["validated"][0]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plans = frame[frame["trial"] != "base"]
+    ax.scatter(plans[objective], plans[validated], color="tab:blue", label="validated plans")
+    for _, row in plans.iterrows():
+        ax.annotate(str(row[Field.PLAN]), (row[objective], row[validated]), fontsize=7, alpha=0.7)
+    base = frame[frame["trial"] == "base"]
+    ax.scatter(base[objective], base[validated], color="tab:red", marker="*", s=150, label="base")
+    ax.set_xlabel(f"{objective} (sweep)")
+    ax.set_ylabel(f"{validated} (held out)")
+    ax.set_title(f"Spearman {summary['spearman']:.2f}" if summary["spearman"] == summary["spearman"] else "Spearman undefined")
+    ax.legend()
+    text = f'<h2>validation</h2>\n<p><b>{html.escape(summary["verdict"])}</b></p>\n'
+    return _save(fig, directory / "validation.png"), text
+
+
 def write_report(study: optuna.Study, directory: Path) -> Path:
     names = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])
     directions = [d.name.lower() for d in study.directions]
@@ -285,6 +311,9 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
         images += '\n<p><a href="repeat_map.html">the repeat map with each plan and score on hover</a></p>'
 
     prior = prior_agreement(frame, names[0], directions[0], directory)
+    validation_plot, validation = plot_validation(directory)
+    if validation_plot is not None:
+        images = f'{validation}<img src="{validation_plot.name}" alt="validation">\n{images}'
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>selfmerge: {html.escape(directory.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;font-size:13px}}

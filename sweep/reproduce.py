@@ -16,7 +16,7 @@ from merge_core.layer_plan import LayerPlan
 from merge_core.model_card import CardFacts, Score, base_licence, write_card
 from merge_core.model_shape import ModelShape
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
-from sweep.backends import make_backend
+from sweep.backends import Backend, make_backend
 from sweep.config import BackendConfig
 from sweep.records import merged_trials
 from sweep.scoring import TrialScorer, eval_config_from_fingerprint
@@ -48,15 +48,22 @@ def _base_source(scoring: dict) -> Path:
     return base
 
 
+def sweep_backend(study: optuna.Study, results_dir: Path) -> tuple[Path, BackendConfig, Backend]:
+    """The base, backend settings and backend a sweep scored with, as stored in its study."""
+    scoring = study.user_attrs.get(StudyKey.SCORING)
+    if not scoring:
+        raise SelfMergeError("this study has no scoring record; it was not written by selfmerge sweep")
+    source = _base_source(scoring)
+    config = BackendConfig(**scoring.get("backend", {}))
+    return source, config, make_backend(str(source), config, results_dir)  # an HF base converts once, into results_dir/base
+
+
 def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None,
               formats: list[str] | None = None) -> dict:  # fmt: skip
     """``formats`` default: what the sweep scored (GGUF for llama_cpp, safetensors for torch) and the YAML."""
     trial = pick_trial(study, trial_number)
     scoring = study.user_attrs.get(StudyKey.SCORING)
-    if not scoring:
-        raise SelfMergeError("this study has no scoring record; it was not written by selfmerge sweep")
-    source = _base_source(scoring)
-    backend_config = BackendConfig(**scoring.get("backend", {}))
+    source, backend_config, backend = sweep_backend(study, results_dir)
     formats = formats or (["gguf", "mergekit"] if backend_config.kind == "llama_cpp" else ["safetensors", "mergekit"])
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -65,8 +72,6 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{results_dir.name}-trial{trial.number}"
     hf_id = study.user_attrs.get(StudyKey.MODEL_HF_ID, str(source))
-
-    backend = make_backend(str(source), backend_config, results_dir)  # an HF base converts once, into results_dir/base
     written = []
     scored_file = out_dir / f"{stem}.gguf"
     if backend_config.kind == "llama_cpp":  # the very file the sweep scored, rebuilt by the same code

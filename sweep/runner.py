@@ -34,7 +34,7 @@ from evals.registry import EVALS
 from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
-from sweep import callbacks
+from sweep import callbacks, validation
 from sweep.backends import Backend, make_backend
 from sweep.config import SweepConfig
 from sweep.heartbeat import fail_stale_trials, trial_heartbeat
@@ -175,6 +175,7 @@ class Sweep:
         run = config.sweep
         self.store = ModelStore(self.directory, run.keep_top_k, run.disk_budget_bytes, run.disk_budget,
                                 self._rank_key, self.backend.size_bound)  # fmt: skip
+        self.validation = validation.configured(config)  # (top_k, evals): refused now, not after the night
         self._stopping = False
         self.started = False  # True once the sweep has stored a result (the base's score) in its study
 
@@ -192,6 +193,7 @@ class Sweep:
             # open the study, or resume it if it scores the same way
             fingerprint = scoring_fingerprint(config, self.backend.source)
             study = open_sweep_study(config, self.sampler, self.pruner, fingerprint, self.shape.n_layers)
+            study.set_user_attr(StudyKey.VALIDATION, {"top_k": self.validation[0], "evals": self.validation[1]})
             # trials a killed run left RUNNING: failed, retried once (at once when no other worker is alive)
             if lock is not None and lock.alone():
                 for trial in self._retry_orphans(study):
@@ -219,6 +221,16 @@ class Sweep:
             # the trials
             self._optimize(study, self.work_type(self.backend, scorer, base), base, index)
             return study
+
+    def validate(self, study: optuna.Study):
+        """When the search is done: the best plans and the base on held-out items (sweep.validate)."""
+        top_k, evals = self.validation
+        if not top_k:
+            return None
+        log.info("validating the base and the %d best plans on %s", top_k, "+".join(evals))
+        frame = validation.validate(study, self.directory, self.backend, top_k, evals, progress=self.config.sweep.progress)
+        write_leaderboard(study, self.directory)
+        return frame
 
     def _retry_orphans(self, study: optuna.Study) -> list[FrozenTrial]:
         orphans = set(retry_orphaned_trials(study))

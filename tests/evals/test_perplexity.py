@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from evals.corpus import STDLIB_DOCSTRINGS, load_text, stdlib_docstrings
-from evals.perplexity import PerplexityResult, log_softmax_nll, make_windows, perplexity
+from evals.perplexity import KLD_TOP_K, PerplexityResult, divergence, log_softmax_nll, make_windows, perplexity, reference_of
 from evals.ppl_eval import PerplexityEval
 from merge_core import LayerPlan, SelfMergeError
+from evals.schema import Field
 from merge_core.gguf_merge import merge_gguf
 
 
@@ -61,6 +62,46 @@ def test_self_merge_scores_worse_and_dropping_the_last_layers_far_worse(evaluate
     truncated = evaluate(merge_gguf(base_gguf, LayerPlan.parse("0-26"), tmp_path / "t.gguf")).ppl
     assert base < merged < 2 * base
     assert truncated > 20 * base
+
+
+def _full_kl(base_logits, logits):
+    p = np.exp(base_logits - np.log(np.exp(base_logits).sum(axis=1, keepdims=True)))
+    logp, logq = (x - np.log(np.exp(x).sum(axis=1, keepdims=True)) for x in (base_logits, logits))
+    return (p * (logp - logq)).sum(axis=1)
+
+
+def test_kl_divergence_is_exact_when_the_top_tokens_hold_all_the_mass():
+    rng = np.random.default_rng(1)
+    base, plan = rng.normal(size=(6, KLD_TOP_K)) * 3, rng.normal(size=(6, KLD_TOP_K)) * 3  # vocab = the top kept
+    kl, same = divergence(plan, reference_of(base))
+    np.testing.assert_allclose(kl, _full_kl(base, plan), rtol=1e-9)
+    assert list(same) == list(plan.argmax(axis=1) == base.argmax(axis=1))
+    assert divergence(base, reference_of(base))[0] == pytest.approx(np.zeros(6), abs=1e-12)
+
+
+def test_kl_divergence_over_a_large_vocabulary_never_exceeds_the_full_one():
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(8, 5000)) * 2
+    base[:, :10] += 12  # a trained model's peaked distribution: nearly all mass in a few tokens
+    plan = base + rng.normal(size=base.shape)
+    kl, _ = divergence(plan, reference_of(base))
+    full = _full_kl(base, plan)
+    assert np.all(kl <= full + 1e-12)
+    np.testing.assert_allclose(kl, full, rtol=0.1)  # what it misses: the divergence inside the lumped tail
+
+
+def test_kld_and_top1_agreement_measure_damage_on_the_bundled_model(base_gguf, wikitext_file, tmp_path):
+    kld = PerplexityEval(base_gguf, str(wikitext_file), n_ctx=128, windows=3, kld=True)
+    base = kld.record(base_gguf, None)
+    assert base[Field.KLD] == 0 and base[Field.TOP1_AGREEMENT] == 1
+    merged = merge_gguf(base_gguf, LayerPlan.parse("0-16,8-30"), tmp_path / "m.gguf")
+    truncated = merge_gguf(base_gguf, LayerPlan.parse("0-26"), tmp_path / "t.gguf")
+    light, heavy = kld.record(merged, base), kld.record(truncated, base)
+    assert 0 < light[Field.KLD] < heavy[Field.KLD]
+    assert 1 > light[Field.TOP1_AGREEMENT] > heavy[Field.TOP1_AGREEMENT]
+    assert light[Field.PPL] == PerplexityEval(base_gguf, str(wikitext_file), n_ctx=128, windows=3).record(merged, base)[Field.PPL]
+    staged = PerplexityEval(base_gguf, str(wikitext_file), n_ctx=128, windows=3, early_windows=1, kld=True).record(merged, base)
+    assert staged[Field.KLD] == pytest.approx(light[Field.KLD], rel=1e-9)  # two stages, the same windows
 
 
 def test_default_corpus_is_real_prose_and_stable():

@@ -126,6 +126,18 @@ def test_two_objectives_with_nsga2_mark_the_pareto_front(tmp_path, wikitext_file
 
 
 @pytest.mark.slow
+def test_damage_is_recorded_and_can_be_an_objective(tmp_path, wikitext_file):
+    study = _sweep(tmp_path, wikitext_file, "damage", 3, "sampler=nsga2", "eval.ppl.kld=true", "sweep.objectives=[ppl,kld]").run()
+    board = pd.read_csv(tmp_path / "damage" / "leaderboard.csv")
+    merged = board[board["state"] == "COMPLETE"]
+    assert board.loc[board["state"] == "BASE", "kld"].item() == 0 and (merged["kld"] > 0).all()
+    assert ((merged["top1_agreement"] > 0) & (merged["top1_agreement"] < 1)).all()
+    assert [t.values[1] for t in study.trials if t.values] == [t.user_attrs["kld"] for t in study.trials if t.values]
+    with pytest.raises(SelfMergeError, match="kld needs eval.ppl.kld=true"):
+        _sweep(tmp_path, wikitext_file, "nodamage", 1, "sweep.objectives=[ppl,kld]")
+
+
+@pytest.mark.slow
 def test_cmaes_sweep_runs(tmp_path, wikitext_file):
     study = _sweep(tmp_path, wikitext_file, "cma", 4, "sampler=cmaes", "sampler.n_startup_trials=2").run()
     assert sum(t.state.is_finished() and "cache_hit_of" not in t.user_attrs for t in study.trials) == 4
