@@ -17,11 +17,13 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from evals.schema import Field  # noqa: E402
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep's own log says what each trial did
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
             "sweep.name=distinct", f"sweep.n_trials={args.n_trials}", f"sweep.seed={args.seed}", f"sweep.results_dir={tmp}",

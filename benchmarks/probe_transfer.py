@@ -37,6 +37,7 @@ from sweep.validation import spearman  # noqa: E402
 OUT = ROOT / "results" / "benchmarks"
 BASE = "0-30"
 GIBBERISH = ("0-26", "0-20,16-24")  # the last 4 and 6 layers dropped: the output is no longer language
+METRICS = ("logprob", "accuracy", "score")  # what a probe can be ranked by
 PLANS = [
     BASE, "0-20,14-30", "0-16,8-30", "0-12,6-30", "0-24,18-30", "0-12,8-20,16-30", "0-10,6-16,12-22,18-30",
     "0-14,10-18,14-30", "0-8,4-12,8-16,12-20,16-24,20-30", "0-18,10-22,12-30", "0-28", *GIBBERISH,
@@ -49,15 +50,29 @@ def timed(evaluation, model, base):
     return record, time.perf_counter() - start
 
 
+def transfer(rows: list[dict], name: str, metric: str) -> dict:
+    """How the probe ``name`` ranked by ``metric`` agrees with its held-out benchmark."""
+    column, validated = f"probe_{name}_{metric}", f"validated_{name}"
+    sane = [r for r in rows if not r["gibberish"]]
+    gibberish = [r for r in rows if r["gibberish"]]
+    return {
+        "spearman": spearman([r[column] for r in rows], [r[validated] for r in rows]),
+        "spearman_without_gibberish": spearman([r[column] for r in sane], [r[validated] for r in sane]),
+        "gibberish_last": all(r[column] <= min(o[column] for o in sane) for r in gibberish),
+        "gibberish_below_base": all(r[column] < rows[0][column] for r in gibberish),
+        "ranked": [r["plan"] for r in sorted(rows, key=lambda r: -r[column])],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--math-items", type=int, default=16)
-    parser.add_argument("--eq-items", type=int, default=4, help="shipped EQ-Bench items in the probe (x 4 emotions)")
+    parser.add_argument("--eq-items", type=int, default=4, help="shipped EQ-Bench items probed (x 4 emotions)")
     parser.add_argument("--heldout-eq", type=int, default=48, help="official EQ-Bench items validated (of 171)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rows", help="the plans' rows as an earlier run printed them (JSON lines): summarize those")
     args = parser.parse_args()
-    source = bundled_model_path()
-    threads = args.threads
+    source, threads = bundled_model_path(), args.threads
     probes = {
         "math": ProbeEval(ProbeConfig(probes=("math",), n_items=args.math_items, threads=threads), source),
         "eq": ProbeEval(ProbeConfig(probes=("eq",), n_items=args.eq_items, threads=threads), source),
@@ -67,14 +82,16 @@ def main() -> None:
         "eq": EQBenchEval("official", n_items=args.heldout_eq, mode="logits", threads=threads),
     }
     validated_field = {"math": Field.PROBE, "eq": Field.EQBENCH}
+    published_math = ProbeConfig(("math_heldout",), "accuracy", mode="generate", n_items=16, threads=threads)
     published = {  # the published modes, on the base only: every plan of this model scores 0 in them
-        "math (generate)": (ProbeEval(ProbeConfig(probes=("math_heldout",), mode="generate", metric="accuracy",
-                                                  n_items=16, threads=threads), source), Field.PROBE),  # fmt: skip
-        "eq (generate, 512 tokens)": (EQBenchEval("official", n_items=2, mode="generate", threads=threads), Field.EQBENCH),
+        "math (generate)": (ProbeEval(published_math, source), Field.PROBE),
+        "eq (generate, 512 tokens)": (EQBenchEval("official", n_items=2, threads=threads), Field.EQBENCH),
     }
     rows, base_records = [], {}
+    if args.rows:
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
     with tempfile.TemporaryDirectory() as tmp:
-        for plan_text in PLANS:
+        for plan_text in PLANS[len(rows) :]:
             plan = LayerPlan.parse(plan_text)
             path = source if plan_text == BASE else Path(tmp) / "plan.gguf"
             if path != source:
@@ -97,39 +114,34 @@ def main() -> None:
     base_published = {}
     for label, (evaluation, field) in published.items():
         record, seconds = timed(evaluation, source, None)
-        base_published[label] = {"score": record[field], "seconds": round(seconds, 2), "items": len(evaluation.items)}
+        items = len(evaluation.items)
+        base_published[label] = {"score": record[field], "seconds": round(seconds, 2), "items": items}
     summary = {}
     for name in probes:
         probe_seconds = sum(r[f"probe_{name}_seconds"] for r in rows) / len(rows)
         validated_seconds = sum(r[f"validated_{name}_seconds"] for r in rows) / len(rows)
-        summary[name] = {"probe_seconds_per_plan": round(probe_seconds, 2), "validated_seconds_per_plan": round(validated_seconds, 2),
-                         "cost_ratio": round(probe_seconds / validated_seconds, 3)}  # fmt: skip
-        for metric in ("logprob", "accuracy", "score"):  # each metric a probe can be ranked by
-            column = f"probe_{name}_{metric}"
-            ranked = sorted(rows, key=lambda r: -r[column])
-            summary[name][metric] = {
-                "spearman": spearman([r[column] for r in rows], [r[f"validated_{name}"] for r in rows]),
-                "spearman_without_gibberish": spearman([r[column] for r in rows if not r["gibberish"]],
-                                                       [r[f"validated_{name}"] for r in rows if not r["gibberish"]]),  # fmt: skip
-                "gibberish_last": all(r[column] <= min(o[column] for o in rows if not o["gibberish"]) for r in rows if r["gibberish"]),
-                "gibberish_below_base": all(r[column] < rows[0][column] for r in rows if r["gibberish"]),
-                "ranked": [r["plan"] for r in ranked],
-            }
+        summary[name] = {
+            "probe_seconds_per_plan": round(probe_seconds, 2),
+            "validated_seconds_per_plan": round(validated_seconds, 2),
+            "cost_ratio": round(probe_seconds / validated_seconds, 3),
+            **{metric: transfer(rows, name, metric) for metric in METRICS},
+        }
     print(f"\n{'plan':34s} {'layers':>6s} {'math':>8s} {'math_ho':>8s} {'eq':>8s} {'eq_ho':>8s}")
     for r in rows:
-        print(f"{r['plan']:34s} {r['n_layers']:6d} {r['probe_math']:8.3f} {r['validated_math']:8.3f} {r['probe_eq']:8.3f} "
-              f"{r['validated_eq']:8.2f}{'  (gibberish)' if r['gibberish'] else ''}")  # fmt: skip
+        values = f"{r['probe_math']:8.3f} {r['validated_math']:8.3f} {r['probe_eq']:8.3f} {r['validated_eq']:8.2f}"
+        print(f"{r['plan']:34s} {r['n_layers']:6d} {values}{'  (gibberish)' if r['gibberish'] else ''}")
     for name, s in summary.items():
-        print(f"{name}: probe {s['probe_seconds_per_plan']} s vs validated {s['validated_seconds_per_plan']} s per plan "
-              f"(ratio {s['cost_ratio']})")  # fmt: skip
-        for metric in ("logprob", "accuracy", "score"):
+        seconds = f"probe {s['probe_seconds_per_plan']} s vs validated {s['validated_seconds_per_plan']} s per plan"
+        print(f"{name}: {seconds} (ratio {s['cost_ratio']})")
+        for metric in METRICS:
             m = s[metric]
-            print(f"  by {metric:8s}: Spearman {m['spearman']:.2f} (without gibberish {m['spearman_without_gibberish']:.2f}), "
-                  f"gibberish last {m['gibberish_last']}, below the base {m['gibberish_below_base']}")  # fmt: skip
+            print(f"  by {metric:8s}: Spearman {m['spearman']:.2f} (without gibberish "
+                  f"{m['spearman_without_gibberish']:.2f}), gibberish last {m['gibberish_last']}, "
+                  f"below the base {m['gibberish_below_base']}")  # fmt: skip
     print("published modes on the base:", base_published)
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"machine": platform.platform(), "cpus": os.cpu_count(), "args": vars(args), "rows": rows, "summary": summary,
-              "published_on_base": base_published}  # fmt: skip
+    result = {"machine": platform.platform(), "cpus": os.cpu_count(), "args": vars(args), "rows": rows,
+              "summary": summary, "published_on_base": base_published}  # fmt: skip
     (OUT / "probe_transfer.json").write_text(json.dumps(result, indent=1, default=str))
 
 

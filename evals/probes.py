@@ -97,7 +97,13 @@ class ItemScore:
 
     def gated_at_floor(self) -> ItemScore:
         """The probe's floor: no credit for an item the model no longer answers in the format."""
-        return replace(self, accuracy=0.0, score=0.0, logprob=LOGPROB_FLOOR if self.logprob is not None else None, gated=True)
+        return replace(
+            self,
+            accuracy=0.0,
+            score=0.0,
+            logprob=LOGPROB_FLOOR if self.logprob is not None else None,
+            gated=True,
+        )
 
 
 # -- items ------------------------------------------------------------------------------------
@@ -118,7 +124,9 @@ def _checked(raw: dict, probe: str, where: str) -> ProbeItem:
     if kind == "integer" and not (isinstance(item.answer, int) or str(item.answer).lstrip("-").isdigit()):
         raise SelfMergeError(f"{where}: answer={item.answer!r} is not a whole number (kind integer)")
     if kind == "choice" and str(item.answer) not in item.choices:
-        raise SelfMergeError(f"{where}: answer={item.answer!r} is not one of its choices {list(item.choices)}")
+        raise SelfMergeError(
+            f"{where}: answer={item.answer!r} is not one of its choices {list(item.choices)}"
+        )
     if kind == "rating":
         low, high = item.scale
         if not (isinstance(item.answer, (int, float)) and low <= item.answer <= high):
@@ -132,7 +140,9 @@ def load_probe_file(path: str | Path) -> list[ProbeItem]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SelfMergeError(f"probe file not found: {path}; eval.probe.probes takes {list(PROBES)} or a .jsonl/.yaml file") from None
+        raise SelfMergeError(
+            f"probe file not found: {path}; eval.probe.probes takes {list(PROBES)} or a .jsonl/.yaml file"
+        ) from None
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -166,7 +176,9 @@ def _eq_items() -> list[ProbeItem]:
     from evals.eqbench_items import load_offline_items
 
     return [
-        ProbeItem("eq", f"{item.id}/{emotion}", item.prompt, value, "rating", f"{FIRST_PASS_HEADING}{emotion}: ")
+        ProbeItem(
+            "eq", f"{item.id}/{emotion}", item.prompt, value, "rating", f"{FIRST_PASS_HEADING}{emotion}: "
+        )
         for item in load_offline_items()
         for emotion, value in item.reference.items()
     ]
@@ -217,8 +229,12 @@ def prepare(model: ProbeModel, item: ProbeItem, prompt: Optional[Sequence[int]] 
     if item.kind == "integer":
         answer = paths[0]
         longer = [model.tokenize(f"{item.prefix}{item.answer}{digit}")[shared:] for digit in range(10)]
-        continues = frozenset(t[len(answer)] for t in longer if len(t) > len(answer) and tuple(t[: len(answer)]) == answer)
-        return PreparedItem(item, (*prompt, *spelled[0][:shared]), (answer,), frozenset(p[0] for p in paths), continues)
+        continues = frozenset(
+            t[len(answer)] for t in longer if len(t) > len(answer) and tuple(t[: len(answer)]) == answer
+        )
+        return PreparedItem(
+            item, (*prompt, *spelled[0][:shared]), (answer,), frozenset(p[0] for p in paths), continues
+        )
     if len(set(paths)) < len(paths):
         raise SelfMergeError(f"{where}: the tokenizer spells two answers the same way")
     return PreparedItem(item, (*prompt, *spelled[0][:shared]), paths, frozenset(p[0] for p in paths))
@@ -273,7 +289,9 @@ def score_item(model: ProbeModel, prepared: PreparedItem) -> ItemScore:
     item, context = prepared.item, list(prepared.context)
     first = model.next_token_logprobs(context)
     entropy = _entropy(first)
-    if item.kind == "integer":  # teacher-forced along the answer; right when greedy decoding would say it and stop
+    if (
+        item.kind == "integer"
+    ):  # teacher-forced along the answer; right when greedy decoding would say it and stop
         path, logprob, greedy = prepared.paths[0], 0.0, True
         for depth, token in enumerate(path):
             row = first if depth == 0 else model.next_token_logprobs(context + list(path[:depth]))
@@ -282,7 +300,9 @@ def score_item(model: ProbeModel, prepared: PreparedItem) -> ItemScore:
         if greedy and prepared.continues:
             greedy = int(np.argmax(model.next_token_logprobs(context + list(path)))) not in prepared.continues
         coverage = float(np.exp(first[list(prepared.valid_first)]).sum())
-        return ItemScore(item.probe, item.id, float(greedy), _logprob(math.exp(logprob)), 100.0 * greedy, coverage, entropy)
+        return ItemScore(
+            item.probe, item.id, float(greedy), _logprob(math.exp(logprob)), 100.0 * greedy, coverage, entropy
+        )
     masses = answer_masses(model, context, prepared.paths, first)
     coverage, right = float(masses.sum()), item.right()
     accuracy = float(coverage > 0 and int(np.argmax(masses)) == right)
@@ -305,7 +325,9 @@ def score_reply(item: ProbeItem, reply: str) -> ItemScore:
     or the first of the choices named. No valid answer: coverage 0 and no credit."""
     text = reply.split(item.prefix.strip(), 1)[-1] if item.prefix.strip() else reply
     if item.kind == "choice":
-        found = sorted((m.start(), c) for c in item.choices for m in [re.search(rf"\b{re.escape(c)}\b", text, re.I)] if m)
+        found = sorted(
+            (m.start(), c) for c in item.choices for m in [re.search(rf"\b{re.escape(c)}\b", text, re.I)] if m
+        )
         given: Optional[Union[int, str]] = found[0][1] if found else None
     else:
         match = _INTEGER.search(text)
@@ -317,7 +339,15 @@ def score_reply(item: ProbeItem, reply: str) -> ItemScore:
     if item.kind == "rating":
         low, high = item.scale
         right = float(given == int(round(float(item.answer))))
-        return ItemScore(item.probe, item.id, right, None, 100.0 * (1 - abs(given - float(item.answer)) / (high - low)), 1.0, None)
+        return ItemScore(
+            item.probe,
+            item.id,
+            right,
+            None,
+            100.0 * (1 - abs(given - float(item.answer)) / (high - low)),
+            1.0,
+            None,
+        )
     right = float(str(given).lower() == str(item.answer).lower())
     return ItemScore(item.probe, item.id, right, None, 100.0 * right, 1.0, None)
 

@@ -191,7 +191,9 @@ def best_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     """The k best distinct plans by the sweep's first objective (cache hits are repeats)."""
     name = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])[0]
     sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    scored = [t for t in merged_trials(study) if Field.CACHE_HIT_OF not in t.user_attrs and name in t.user_attrs]
+    scored = [
+        t for t in merged_trials(study) if Field.CACHE_HIT_OF not in t.user_attrs and name in t.user_attrs
+    ]
     return sorted(scored, key=lambda t: (sign * t.user_attrs[name], t.number))[:k]
 
 
@@ -221,17 +223,24 @@ def validate(study: optuna.Study, directory: Path, backend: Backend, top_k: int,
             log.info("another worker is validating %s", directory)
             return None
         context = EvalContext(backend.base, backend.open_model)
-        evaluations = {name: EVALS[name].build(section, context) for name, section in validation.sections.items()}
+        evaluations = {
+            name: EVALS[name].build(section, context) for name, section in validation.sections.items()
+        }
         settings = json.dumps(validation.fingerprint(), sort_keys=True)
         run = folder / hashlib.sha1(settings.encode()).hexdigest()[:10]
         run.mkdir(exist_ok=True)
         atomic_write_text(run / "settings.json", settings)
         base_plan = LayerPlan.identity(study.user_attrs[StudyKey.N_BASE_LAYERS])
-        models = [("base", base_plan, None), *((t.number, LayerPlan.parse(t.user_attrs[Field.PLAN]), t) for t in best_trials(study, top_k))]
+        models = [
+            ("base", base_plan, None),
+            *((t.number, LayerPlan.parse(t.user_attrs[Field.PLAN]), t) for t in best_trials(study, top_k)),
+        ]
         records, base = {}, None
         for label, plan, trial in tqdm(models, desc="validate", unit="model", disable=not progress):
             here = run / _slug(plan)
-            records[label] = validate_model(evaluations, _builder(backend, plan, trial, directory, here), here, base)
+            records[label] = validate_model(
+                evaluations, _builder(backend, plan, trial, directory, here), here, base
+            )
             (here / "model.gguf").unlink(missing_ok=True)  # built for validation only
             base = base or records[label]
         return write_summary(study, folder, models, records, validation)
@@ -260,7 +269,9 @@ def _builder(backend: Backend, plan: LayerPlan, trial, directory: Path, folder: 
 
 
 # -- the verdict --------------------------------------------------------------------------------
-def write_summary(study: optuna.Study, folder: Path, models: list, records: dict, validation: EvalConfig) -> pd.DataFrame:
+def write_summary(
+    study: optuna.Study, folder: Path, models: list, records: dict, validation: EvalConfig
+) -> pd.DataFrame:
     objective = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])[0]
     base_record = study.user_attrs.get(StudyKey.BASE, {})
     names = list(validation.sections)
@@ -273,7 +284,9 @@ def write_summary(study: optuna.Study, folder: Path, models: list, records: dict
     first = Field.VALIDATED + names[0]
     descending = EVALS[names[0]].direction(validation.sections[names[0]]) == "maximize"
     frame[Field.FINAL_RANK] = frame[first].rank(ascending=not descending, method="min").astype("Int64")
-    frame = frame.sort_values(Field.FINAL_RANK, kind="stable").reset_index(drop=True)  # ties: the sweep's order
+    frame = frame.sort_values(Field.FINAL_RANK, kind="stable").reset_index(
+        drop=True
+    )  # ties: the sweep's order
     rho = spearman(frame[objective], frame[first])
     verdict = transfer_verdict(objective, first, rho, frame)
     summary = {"objective": objective, "validated": names, "settings": validation.fingerprint(), "spearman": rho, "verdict": verdict,
@@ -284,9 +297,9 @@ def write_summary(study: optuna.Study, folder: Path, models: list, records: dict
     return frame
 
 
-def spearman(a: pd.Series, b: pd.Series) -> float:
+def spearman(a, b) -> float:
     """Rank correlation (ties share their mean rank); NaN under three points or for a constant score."""
-    a, b = pd.to_numeric(a, errors="coerce"), pd.to_numeric(b, errors="coerce")
+    a, b = (pd.to_numeric(pd.Series(list(x)), errors="coerce") for x in (a, b))
     both = a.notna() & b.notna()
     a, b = a[both].rank(), b[both].rank()
     if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
@@ -302,7 +315,8 @@ def transfer_verdict(objective: str, validated: str, rho: float, frame: pd.DataF
     word = "carried over to" if rho >= TRANSFERS else "did NOT carry over to"
     best = frame.iloc[0]
     base = frame[frame["trial"] == "base"]
-    beats = not base.empty and best["trial"] != "base" and best[Field.FINAL_RANK] < base[Field.FINAL_RANK].iloc[0]
+    beats = (
+        not base.empty and best["trial"] != "base" and best[Field.FINAL_RANK] < base[Field.FINAL_RANK].iloc[0]
+    )
     return (f"the {objective} ranking {word} the held-out benchmark: Spearman {rho:.2f} with {validated} over {n} models; "
             f"best validated: {best[Field.PLAN]} ({'beats' if beats else 'does not beat'} the base)")  # fmt: skip
-

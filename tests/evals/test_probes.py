@@ -35,7 +35,11 @@ class Scripted:
 
     def next_token_logprobs(self, tokens):
         probs = np.full(VOCAB, EPS)
-        table = {ord(" "): {"4": 0.6, "2": 0.2, "x": 0.2}, ord("4"): {"2": 0.7, "\n": 0.3}, ord("2"): {"\n": 0.9, "0": 0.1}}
+        table = {
+            ord(" "): {"4": 0.6, "2": 0.2, "x": 0.2},
+            ord("4"): {"2": 0.7, "\n": 0.3},
+            ord("2"): {"\n": 0.9, "0": 0.1},
+        }
         if self.flat:
             probs[:] = 1.0
         else:
@@ -70,9 +74,13 @@ def test_rating_item_scores_its_expected_value_over_valid_answers():
 
 
 def test_choice_item():
-    score = score_item(Scripted(), prepare(Scripted(), ProbeItem("t", "c", "q", "2", "choice", "C: ", choices=("2", "4"))))
+    score = score_item(
+        Scripted(), prepare(Scripted(), ProbeItem("t", "c", "q", "2", "choice", "C: ", choices=("2", "4")))
+    )
     assert score.accuracy == 0.0 and score.score == 0.0
-    assert score.logprob == pytest.approx(math.log(0.2), abs=1e-6) and score.coverage == pytest.approx(0.8, abs=1e-6)
+    assert score.logprob == pytest.approx(math.log(0.2), abs=1e-6) and score.coverage == pytest.approx(
+        0.8, abs=1e-6
+    )
 
 
 MODELS = {"good": Scripted(), "flat": Scripted(flat=True)}
@@ -80,7 +88,9 @@ MODELS = {"good": Scripted(), "flat": Scripted(flat=True)}
 
 def scripted_probe(items, **config) -> ProbeEval:
     """A ProbeEval over the scripted models, opened by name."""
-    return ProbeEval(ProbeConfig(**config), "good", lambda name, **kw: contextlib.nullcontext(MODELS[name]), items=items)
+    return ProbeEval(
+        ProbeConfig(**config), "good", lambda name, **kw: contextlib.nullcontext(MODELS[name]), items=items
+    )
 
 
 ITEMS = [
@@ -97,7 +107,11 @@ def test_coverage_gate_floors_a_plan_that_lost_the_format():
     # flat: coverage 11/301 (integer: 10 digits and "-"), 6/301 (rating), 2/301 (choice), all under half the base's 0.8
     assert flat[Field.PROBE_GATED] == 1.0
     assert [row["gated"] for row in flat[Field.PROBE_ITEMS]] == [True] * 3
-    assert flat[Field.PROBE_LOGPROB] == LOGPROB_FLOOR and flat[Field.PROBE_ACCURACY] == 0 and flat[Field.PROBE_SCORE] == 0
+    assert (
+        flat[Field.PROBE_LOGPROB] == LOGPROB_FLOOR
+        and flat[Field.PROBE_ACCURACY] == 0
+        and flat[Field.PROBE_SCORE] == 0
+    )
     assert flat[Field.PROBE] < base[Field.PROBE]
     # without the gate the flat model's expected rating sits mid-scale and scores well: the reason for the gate
     ungated = summarize(probe.scores("flat"), "score")
@@ -111,7 +125,10 @@ def test_record_means_per_probe_then_over_probes():
     scores = scripted_probe(ITEMS).scores("good")
     two = [scores[0], scores[1].__class__(**{**scores[1].__dict__, "probe": "u"})]
     record = summarize(two, "accuracy")
-    assert record[Field.PROBE_BY_NAME]["t"]["accuracy"] == 1.0 and record[Field.PROBE_BY_NAME]["u"]["accuracy"] == 1.0
+    assert (
+        record[Field.PROBE_BY_NAME]["t"]["accuracy"] == 1.0
+        and record[Field.PROBE_BY_NAME]["u"]["accuracy"] == 1.0
+    )
     logprob = (math.log(0.42) + math.log(0.6)) / 2
     assert summarize(two, "logprob")[Field.PROBE] == pytest.approx(logprob, abs=1e-4)
 
@@ -141,7 +158,10 @@ def test_shipped_probes_and_their_held_out_set_share_no_item():
     "lines, message",
     [
         (['{"prompt": "q", "answer": 3, "kind": "guess"}'], "kind='guess' is unknown"),
-        (['{"prompt": "q", "answer": "c", "kind": "choice", "choices": ["a", "b"]}'], "not one of its choices"),
+        (
+            ['{"prompt": "q", "answer": "c", "kind": "choice", "choices": ["a", "b"]}'],
+            "not one of its choices",
+        ),
         (['{"prompt": "q", "answer": 3}', "{oops"], "line 2 is not JSON"),
         (['{"prompt": "q"}'], "lacks ['answer']"),
         (['{"prompt": "q", "answer": 11, "kind": "rating"}'], "not a number on its scale 0-10"),
@@ -151,12 +171,16 @@ def test_shipped_probes_and_their_held_out_set_share_no_item():
 def test_bad_probe_files_are_refused_naming_the_problem(tmp_path, lines, message):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(lines))
-    with pytest.raises(SelfMergeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(
+        SelfMergeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+    ):
         load_probe_file(path)
 
 
 def test_user_probe_files_in_yaml_and_json_lines(tmp_path):
-    (tmp_path / "caps.yaml").write_text("items:\n  - {prompt: 'Capital of France?', answer: Paris, kind: choice, choices: [Paris, Rome]}\n")
+    (tmp_path / "caps.yaml").write_text(
+        "items:\n  - {prompt: 'Capital of France?', answer: Paris, kind: choice, choices: [Paris, Rome]}\n"
+    )
     (tmp_path / "sums.jsonl").write_text(json.dumps({"id": "a", "prompt": "2+2?", "answer": 4}) + "\n")
     assert [i.probe for i in load_probe(str(tmp_path / "caps.yaml"))] == ["caps"]
     assert load_probe(str(tmp_path / "sums.jsonl"))[0].answer == 4
@@ -178,7 +202,9 @@ def test_a_gibberish_plan_never_outscores_the_base_on_the_bundled_model(base_ggu
     gibberish = tmp_path / "g.gguf"
     merge_gguf(base_gguf, LayerPlan.parse("0-26"), gibberish)
     for probes in (("math",), ("eq",)):
-        probe = ProbeEval(ProbeConfig(probes=probes, n_items=4 if probes == ("math",) else 1, threads=2), base_gguf)
+        probe = ProbeEval(
+            ProbeConfig(probes=probes, n_items=4 if probes == ("math",) else 1, threads=2), base_gguf
+        )
         base = probe.record(base_gguf, None)
         plan = probe.record(gibberish, base)
         assert base[Field.PROBE_GATED] == 0.0
@@ -198,18 +224,24 @@ def test_probes_and_kld_on_the_torch_backend(tmp_path):
     from sweep.config import BackendConfig
     from tiny_models import build_tiny
 
-    backend = TorchBackend(build_tiny("llama", tmp_path / "tiny", n_layers=6, dtype=torch.float32), BackendConfig(kind="torch"))
+    backend = TorchBackend(
+        build_tiny("llama", tmp_path / "tiny", n_layers=6, dtype=torch.float32), BackendConfig(kind="torch")
+    )
     probe = ProbeEval(ProbeConfig(probes=("math", "eq"), n_items=2), backend.base, backend.open_model)
     base = probe.record(backend.base, None)
     same = probe.record(backend.build(LayerPlan.identity(6)), base)
     other = probe.record(backend.build(LayerPlan.parse("0-4,2-6")), base)
     assert same[Field.PROBE_ITEMS] == base[Field.PROBE_ITEMS]
-    assert other[Field.PROBE_LOGPROB] != base[Field.PROBE_LOGPROB] and len(other[Field.PROBE_ITEMS]) == 2 + 2 * 4
+    assert (
+        other[Field.PROBE_LOGPROB] != base[Field.PROBE_LOGPROB] and len(other[Field.PROBE_ITEMS]) == 2 + 2 * 4
+    )
     generated = ProbeEval(ProbeConfig(probes=("math",), n_items=2, mode="generate", metric="accuracy", max_tokens=4),
                           backend.base, backend.open_model).record(backend.base, None)  # fmt: skip
     assert {row["coverage"] for row in generated[Field.PROBE_ITEMS]} <= {0.0, 1.0}
     window = list(range(5, 69))
     with backend.open_model(backend.base, n_ctx=64) as model:
         logits = model.scored_logits(window, 32)
-        np.testing.assert_allclose(log_softmax_nll(logits, np.asarray(window[33:])), model.window_nll(window, 32), rtol=1e-5)
+        np.testing.assert_allclose(
+            log_softmax_nll(logits, np.asarray(window[33:])), model.window_nll(window, 32), rtol=1e-5
+        )
         assert references_of(model, [window])[0].ids.shape == (31, 64)

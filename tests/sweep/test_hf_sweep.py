@@ -15,7 +15,6 @@ from merge_core.gguf_to_hf import export_hf_folder
 from merge_core.hf_checkpoint import HFCheckpoint
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import read_mergekit_yaml
-from merge_core.torch_merge import load_causal_lm, merged_model
 from sweep.backends import TorchBackend
 from sweep.config import BackendConfig
 from tiny_models import build_tiny

@@ -9,11 +9,24 @@ import pytest
 
 from merge_core.errors import SelfMergeError
 from sweep.config import compose, load_config
-from sweep.validation import CHUNK, check_held_out, configured, default_evals, sections, spearman, validate_model
+from sweep.validation import (
+    CHUNK,
+    check_held_out,
+    configured,
+    default_evals,
+    sections,
+    spearman,
+    validate_model,
+)
 
 from conftest import fast_overrides, run_cli
 
-PROBE_SWEEP = ["eval=[ppl,probe]", "sweep.objectives=[probe]", "eval.probe.probes=[math]", "eval.probe.n_items=4"]
+PROBE_SWEEP = [
+    "eval=[ppl,probe]",
+    "sweep.objectives=[probe]",
+    "eval.probe.probes=[math]",
+    "eval.probe.n_items=4",
+]
 HELD_OUT = "sweep.validate.evals={probe: {probes: [math_heldout], n_items: 6}}"
 
 
@@ -21,7 +34,12 @@ def test_a_sweep_validates_its_best_plans_on_held_out_items(tmp_path, wikitext_f
     """A probe sweep ends with its 2 best plans and the base re-scored on 6 held-out problems; the
     leaderboard and the report show the validated scores; `selfmerge validate` then redoes nothing."""
     results = tmp_path / "results"
-    overrides = [*fast_overrides("v", wikitext_file, 3, results), *PROBE_SWEEP, "sweep.validate.top_k=2", HELD_OUT]
+    overrides = [
+        *fast_overrides("v", wikitext_file, 3, results),
+        *PROBE_SWEEP,
+        "sweep.validate.top_k=2",
+        HELD_OUT,
+    ]
     run = run_cli("sweep", *overrides, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     folder = results / "v"
@@ -78,21 +96,33 @@ def test_a_killed_validation_loses_no_finished_item(tmp_path):
     assert record == {"total": sum(range(20)), "n": 20}
     assert len((folder / "x.items.jsonl").read_text().splitlines()) == 20
     built = []
-    assert validate_model({"x": CountingEval(20)}, lambda: built.append(1), folder, None) == record and not built
+    assert (
+        validate_model({"x": CountingEval(20)}, lambda: built.append(1), folder, None) == record and not built
+    )
 
 
 def test_validation_items_must_be_held_out():
     sweep_evals = load_config(compose(["eval=[probe,eqbench]", "eval.eqbench.mode=logits"])).eval
-    with pytest.raises(SelfMergeError, match="validation eval probe shares 64 of its 64 items with the sweep's eval.probe"):
+    with pytest.raises(
+        SelfMergeError, match="validation eval probe shares 64 of its 64 items with the sweep's eval.probe"
+    ):
         check_held_out(sweep_evals, sections({"probe": {"probes": ["math"]}}))
-    with pytest.raises(SelfMergeError, match="validation eval eqbench shares 32 of its 32 items with the sweep's eval.probe"):
+    with pytest.raises(
+        SelfMergeError, match="validation eval eqbench shares 32 of its 32 items with the sweep's eval.probe"
+    ):
         check_held_out(sweep_evals, sections({"eqbench": {"questions": "offline"}}))
-    check_held_out(sweep_evals, sections({"probe": {"probes": ["math_heldout"]}, "eqbench": {"questions": "official"}}))
+    check_held_out(
+        sweep_evals, sections({"probe": {"probes": ["math_heldout"]}, "eqbench": {"questions": "official"}})
+    )
 
 
 def test_a_sweep_whose_validation_is_not_held_out_is_refused_before_it_starts(tmp_path, wikitext_file):
     results = tmp_path / "results"
-    overrides = [*fast_overrides("bad", wikitext_file, 2, results), *PROBE_SWEEP, "sweep.validate.evals={probe: {probes: [math]}}"]
+    overrides = [
+        *fast_overrides("bad", wikitext_file, 2, results),
+        *PROBE_SWEEP,
+        "sweep.validate.evals={probe: {probes: [math]}}",
+    ]
     run = run_cli("sweep", *overrides, cwd=tmp_path)
     assert run.returncode == 2 and not (results / "bad").exists()
     assert "validation eval probe shares 4 of its 64 items with the sweep's eval.probe" in run.stderr
@@ -109,7 +139,9 @@ def test_default_validation_follows_the_objective():
     assert default_evals("ppl", {"ppl": {}}) == (0, {})
     with pytest.raises(SelfMergeError, match="no held-out benchmark is known for probe 'mine.jsonl'"):
         default_evals("probe", {"probe": {"probes": ["mine.jsonl"]}})
-    assert configured(load_config(compose(["eval=probe", "eval.probe.probes=[mine.jsonl]", "sweep.validate.top_k=0"]))) == (0, {})
+    assert configured(
+        load_config(compose(["eval=probe", "eval.probe.probes=[mine.jsonl]", "sweep.validate.top_k=0"]))
+    ) == (0, {})
     with pytest.raises(SelfMergeError, match="sweep.validate.top_k=3: the objective ppl has no held-out"):
         configured(load_config(compose(["sweep.validate.top_k=3"])))
     with pytest.raises(SelfMergeError, match="sweep.validate.evals.probe: unknown keys \\['colour'\\]"):
