@@ -22,6 +22,16 @@ def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
     return {"model": str(base_path), "backend": config.backend.scoring(), "eval": config.eval.fingerprint()}
 
 
+def with_new_defaults(stored: dict) -> dict:
+    """A fingerprint stored by an earlier selfmerge, each evaluation setting added since filled in at its
+    default (a new setting's default scores as before, e.g. eval.ppl.kld=false), so that sweep resumes."""
+    evals = {
+        name: {**EvalConfig({name: EVALS[name].config()}).fingerprint()[name], **section} if name in EVALS else section
+        for name, section in stored.get("eval", {}).items()
+    }
+    return {**stored, "eval": evals}
+
+
 def eval_config_from_fingerprint(fingerprint: dict, threads: Optional[int] = None) -> EvalConfig:
     """The EvalConfig a sweep scored with, from its stored fingerprint (to re-score the same way)."""
     return EvalConfig.from_fingerprint(fingerprint["eval"], threads)

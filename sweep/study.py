@@ -17,6 +17,7 @@ from evals.schema import StudyKey
 from merge_core.errors import SelfMergeError
 from sweep.config import SweepConfig
 from sweep.optuna_access import fail_and_retry
+from sweep.scoring import with_new_defaults
 
 
 STORAGE_ATTEMPTS = 5  # several workers starting together race to create the RDB schema
@@ -98,8 +99,8 @@ def open_sweep_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler,
         study.set_user_attr(StudyKey.N_BASE_LAYERS, n_base_layers)
         study.set_user_attr(StudyKey.OBJECTIVES, config.objective_names)
         study.set_user_attr(StudyKey.SCORING, fingerprint)
-    elif stored != fingerprint:
-        changes = "; ".join(_differences(stored, fingerprint))
+    elif with_new_defaults(stored) != fingerprint:
+        changes = "; ".join(_differences(with_new_defaults(stored), fingerprint))
         raise SelfMergeError(f"sweep {name!r} cannot resume with other scoring ({changes}): use another sweep.name")
     objectives = study.user_attrs[StudyKey.OBJECTIVES]
     if objectives != config.objective_names:

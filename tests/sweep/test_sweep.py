@@ -136,3 +136,19 @@ def test_disk_budget_is_never_exceeded(tmp_path, wikitext_file, base_gguf):
     small = load_config(compose(fast_overrides("disk2", wikitext_file, 1, tmp_path) + ["sweep.disk_budget=50MB"]))
     with pytest.raises(Exception, match=r"sweep.disk_budget=50MB is smaller than one merged file"):
         Sweep(small).run()
+
+
+def test_a_sweep_from_before_a_new_setting_resumes_and_a_changed_setting_is_refused(tmp_path, wikitext_file):
+    """A setting added since a sweep began (eval.ppl.kld) is read at its default, which scores as before."""
+    from evals.schema import StudyKey
+    from merge_core.errors import SelfMergeError
+
+    overrides = fast_overrides("old", wikitext_file, 1, tmp_path) + ["eval.ppl.windows=1", "sweep.keep_top_k=0"]
+    study = Sweep(load_config(compose(overrides))).run()
+    scoring = study.user_attrs[StudyKey.SCORING]
+    del scoring["eval"]["ppl"]["kld"]  # as a sweep written before eval.ppl.kld existed stored it
+    study.set_user_attr(StudyKey.SCORING, scoring)
+    resumed = Sweep(load_config(compose(overrides[:1] + ["sweep.n_trials=2"] + overrides[2:]))).run()
+    assert len(_merged_trials(resumed)) >= 2
+    with pytest.raises(SelfMergeError, match=r"cannot resume with other scoring \(eval.ppl.kld was False, now True\)"):
+        Sweep(load_config(compose(overrides + ["eval.ppl.kld=true"]))).run()
