@@ -158,7 +158,7 @@ def cmd_reproduce(args) -> None:
 
 
 def cmd_validate(args, overrides: list[str]) -> None:
-    from sweep.records import write_leaderboard
+    from sweep.records import VALIDATION_DIR, write_leaderboard
     from sweep.reproduce import sweep_backend
     from sweep.validation import settings_for, validate
 
@@ -173,7 +173,7 @@ def cmd_validate(args, overrides: list[str]) -> None:
         raise SelfMergeError(f"another process is validating {path} now")
     write_leaderboard(study, path)
     print(frame.to_string(index=False))
-    print(json.loads((path / "validation" / "summary.json").read_text())["verdict"])
+    print(json.loads((path / VALIDATION_DIR / "summary.json").read_text())["verdict"])
 
 
 # -- plans / merge / eval ---------------------------------------------------------------------
