@@ -99,8 +99,8 @@ def open_sweep_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler,
         study.set_user_attr(StudyKey.N_BASE_LAYERS, n_base_layers)
         study.set_user_attr(StudyKey.OBJECTIVES, config.objective_names)
         study.set_user_attr(StudyKey.SCORING, fingerprint)
-    elif with_new_defaults(stored) != fingerprint:
-        changes = "; ".join(_differences(with_new_defaults(stored), fingerprint))
+    elif (stored := with_new_defaults(stored)) != fingerprint:
+        changes = "; ".join(_differences(stored, fingerprint))
         raise SelfMergeError(f"sweep {name!r} cannot resume with other scoring ({changes}): use another sweep.name")
     objectives = study.user_attrs[StudyKey.OBJECTIVES]
     if objectives != config.objective_names:
