@@ -10,6 +10,7 @@ torch.compile fuses once for every layer of every plan (the layers share one cla
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -80,7 +81,9 @@ class TorchModel:
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Text as text, as llama.cpp's ``special=False``: WikiText's literal "<unk>" is Gemma's unknown
+        token when transformers parses special tokens, which tripled the base's perplexity."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     @property
     def bos_for_windows(self) -> Optional[int]:
@@ -91,14 +94,22 @@ class TorchModel:
 
     # -- perplexity -------------------------------------------------------------------------
     def _scored_logits(self, ids: torch.Tensor, first: int) -> torch.Tensor:
-        """Logits predicting ``ids[:, first + 1:]``: the decoder layers one by one, the head on the scored half."""
-        inner = self.model.model
-        hidden = inner.embed_tokens(ids)
+        """Logits predicting ``ids[:, first + 1:]``: the decoder layers one by one, the head on the scored
+        half. Each layer gets the rotary embedding of its attention kind (Gemma 3's sliding and global layers
+        differ), as the model's own forward reads it from the merged config's ``layer_types``."""
+        inner, config = self.model.model, self.model.config
+        hidden = inner.embed_tokens(ids)  # Gemma's embedding module scales by sqrt(hidden) itself
         positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-        position_embeddings = inner.rotary_emb(hidden, position_ids=positions)
-        for layer in inner.layers:
-            hidden = self.layer_fn(layer, hidden, position_embeddings)
-        return self.model.lm_head(inner.norm(hidden[:, first:-1]))
+        kinds = getattr(config, "layer_types", None) or [None] * len(inner.layers)
+        if "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters:
+            by_kind = {kind: inner.rotary_emb(hidden, positions, kind) for kind in set(kinds)}
+        else:
+            by_kind = dict.fromkeys(set(kinds), inner.rotary_emb(hidden, position_ids=positions))
+        for layer, kind in zip(inner.layers, kinds):
+            hidden = self.layer_fn(layer, hidden, by_kind[kind])
+        logits = self.model.lm_head(inner.norm(hidden[:, first:-1]))
+        cap = getattr(config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.inference_mode()
     def windows_nll(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:

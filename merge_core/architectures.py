@@ -47,6 +47,10 @@ class Architecture:
     gguf_arch: str  # llama.cpp's general.architecture
     permute_qk: bool  # llama.cpp wants q/k rows interleaved (HF stores them for rotate-half RoPE)
     tied_embeddings: bool = False  # tie_word_embeddings when config.json does not say (transformers' default)
+    # llama.cpp's built-in sliding-window period when a GGUF states none: layer i slides unless
+    # i % period == period - 1. It is derived from the index, so a merge writes the pattern out per layer.
+    swa_period: int = 0
+    norm_offset: float = 0.0  # HF stores RMSNorm weights as w - offset (Gemma: x * (1 + w)); GGUF stores w
     hf_layers: LayerNames = HF_LAYERS
     gguf_layers: LayerNames = GGUF_LAYERS
 
@@ -57,6 +61,10 @@ ARCHITECTURES = (
     Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), gguf_arch="qwen2", permute_qk=False),
     # Qwen3: Qwen2 without q/k/v biases, with an RMSNorm on each head's queries and keys (attn_q_norm, attn_k_norm)
     Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), gguf_arch="qwen3", permute_qk=False),
+    # Gemma 3 text models: q/k norms, four norms a layer, embeddings scaled by sqrt(hidden), GELU-tanh,
+    # five sliding-window layers to one global layer (config.json's layer_types), each with its own RoPE base
+    Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), gguf_arch="gemma3", permute_qk=False,
+                 tied_embeddings=True, swa_period=6, norm_offset=1.0),
 )
 _BY_CLASS = {cls: arch for arch in ARCHITECTURES for cls in arch.hf_classes}
 _BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
@@ -88,8 +96,19 @@ def hf_layer_names(config: dict) -> LayerNames:
     return arch.hf_layers if arch else HF_LAYERS
 
 
+def of_gguf(gguf_arch: str) -> Optional[Architecture]:
+    """The first entry written as llama.cpp's ``gguf_arch`` (Llama and Mistral share "llama")."""
+    return next((arch for arch in ARCHITECTURES if arch.gguf_arch == gguf_arch), None)
+
+
 def gguf_layer_names(gguf_arch: str) -> LayerNames:
-    return next((arch.gguf_layers for arch in ARCHITECTURES if arch.gguf_arch == gguf_arch), GGUF_LAYERS)
+    arch = of_gguf(gguf_arch)
+    return arch.gguf_layers if arch else GGUF_LAYERS
+
+
+def sliding_layers(n_layers: int, period: int) -> list[bool]:
+    """Which layers llama.cpp runs with the sliding window when it derives them from the index."""
+    return [period == 0 or i % period < period - 1 for i in range(n_layers)]
 
 
 class Named(Protocol):

@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
+from merge_core import architectures
 from merge_core.byte_copy import written_as_partial
 from merge_core.errors import SelfMergeError, read_json
 from merge_core.hf_checkpoint import HFCheckpoint
@@ -97,9 +98,15 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
     gguf.SpecialVocab(folder, load_merges=not model.get("byte_fallback"), n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def _rope(config: dict) -> tuple[dict, str]:
-    """The RoPE parameters (transformers 5's ``rope_parameters``, or 4's ``rope_scaling``) and their type."""
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_types
+
+
+def _rope(config: dict, layer_type: str = FULL) -> tuple[dict, str]:
+    """The RoPE parameters (transformers 5's ``rope_parameters``, or 4's ``rope_scaling``) and their type.
+    Models with sliding-window layers key them by layer type (Gemma 3: 10k locally, 1M globally)."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise SelfMergeError(f"rope scaling {rope_type!r} is not supported by GGUF conversion here ({', '.join(ROPE_TYPES)}); use backend=torch")
@@ -148,6 +155,31 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, file_type: in
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    _add_sliding_window(writer, config)
+
+
+def _add_sliding_window(writer: gguf.GGUFWriter, config: dict) -> None:
+    """Which layers slide, one flag per layer (config.json's ``layer_types``), their window and RoPE
+    base. Written per layer, never as llama.cpp's index-derived default, so a self-merge of the GGUF
+    re-indexes the flags with the layers and each layer keeps its attention kind."""
+    arch = architectures.of_config(config)
+    layer_types = config.get("layer_types") or []
+    if not arch.swa_period or SLIDING not in layer_types:
+        return
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar and scalar != _head_dim(config):  # llama.cpp scales queries by 1/sqrt(head_dim) here
+        raise SelfMergeError(
+            f"query_pre_attn_scalar={scalar} differs from head_dim={_head_dim(config)}: llama.cpp would "
+            "score this model with another attention scale; use backend=torch"
+        )
+    local, _ = _rope(config, SLIDING)
+    writer.add_sliding_window(int(config["sliding_window"]))
+    writer.add_sliding_window_pattern([kind == SLIDING for kind in layer_types])
+    writer.add_rope_freq_base_swa(float(local.get("rope_theta", config.get("rope_local_base_freq", 10000.0))))
 
 
 def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str = "f16", progress: bool = False) -> Path:
@@ -201,6 +233,8 @@ def convert_hf_to_gguf(source: str | Path, out_path: str | Path, out_type: str =
                 if entry.file not in files:
                     files[entry.file] = safe_open(entry.file, framework="pt")
                 tensor = files[entry.file].get_tensor(hf_name).float()
+                if arch.norm_offset and hf_name.endswith("norm.weight"):
+                    tensor = tensor + arch.norm_offset
                 if arch.permute_qk and hf_name.endswith("q_proj.weight"):
                     tensor = _rope_to_interleaved(tensor, n_head)
                 elif arch.permute_qk and hf_name.endswith("k_proj.weight"):

@@ -2,6 +2,8 @@
 
 Every metadata entry is copied byte for byte except ``<arch>.block_count`` and per-layer arrays
 (numeric arrays of length block_count, which llama.cpp reads per layer), which follow the plan.
+A sliding-window pattern that llama.cpp would derive from the layer index (Gemma 3: every sixth
+layer global) is written out as one flag per output layer, so each layer keeps its source's kind.
 Tensor data is copied file-to-file by the kernel (``copy_file_range``), so memory stays flat
 whatever the model size and quantized blocks are never dequantized.
 """
@@ -12,8 +14,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType, Keys
 
-from merge_core.architectures import gguf_layer_names, plan_tensors
+from merge_core.architectures import gguf_layer_names, of_gguf, plan_tensors, sliding_layers
 from merge_core.byte_copy import copy_range, write_all, written_as_partial
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import (
@@ -43,13 +46,38 @@ def _entry_with_value(entry: MetadataEntry, value) -> bytes:
     return head + struct.pack(SCALAR_FORMATS[entry.value_type], value)
 
 
+def _bool_array(key: str, values) -> bytes:
+    head = _gguf_string(key) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.BOOL, len(values))
+    return head + np.asarray(values, dtype=np.uint8).tobytes()
+
+
+def source_sliding_layers(header: GGUFHeader) -> list[bool] | None:
+    """One flag per base layer when llama.cpp derives the sliding-window layers from the index: from
+    the file's period, else the architecture's built-in one; None when the file lists them per layer
+    (a per-layer array, re-indexed like any other) or uses no sliding window."""
+    arch, name = of_gguf(header.architecture), header.architecture
+    window = header.metadata.get(Keys.Attention.SLIDING_WINDOW.format(arch=name))
+    pattern = header.metadata.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=name))
+    if arch is None or not arch.swa_period or window is None or not window.value:
+        return None
+    if pattern is not None and pattern.value_type == ARRAY:
+        return None
+    return sliding_layers(header.block_count, int(pattern.value) if pattern is not None else arch.swa_period)
+
+
 def merged_metadata(header: GGUFHeader, plan: LayerPlan) -> list[bytes]:
     block_count_key = f"{header.architecture}.block_count"
+    pattern_key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=header.architecture)
     n_base, indices = header.block_count, list(plan.layer_indices)
+    sliding = source_sliding_layers(header)
     entries = []
     for key, entry in header.metadata.items():
         if key == block_count_key:
             entries.append(_entry_with_value(entry, plan.n_layers))
+            if sliding is not None:  # placed beside block_count; a scalar period is replaced
+                entries.append(_bool_array(pattern_key, [sliding[i] for i in indices]))
+        elif key == pattern_key and sliding is not None:
+            continue
         elif (
             entry.value_type == ARRAY
             and isinstance(entry.value, np.ndarray)

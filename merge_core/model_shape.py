@@ -10,6 +10,11 @@ from merge_core.architectures import LayerNames, gguf_layer_names
 from merge_core.gguf_file import GGUFHeader
 from merge_core.layer_plan import LayerPlan
 
+# backend.load_in (torch): the decoder layers' linear weights quantized in memory by bitsandbytes, as
+# RYS scanned a 72B on 24 GB GPUs. Bytes per weight: int8 one (plus a scale per row); nf4 half a byte
+# plus one fp32 absmax per block of 64; none: the dtype's. Everything else stays in the dtype.
+LOAD_IN = {"none": None, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -55,6 +60,11 @@ class ModelShape:
     @property
     def n_params(self) -> int:
         return self.params_outside_layers + self.n_layers * self.params_per_layer
+
+    def loaded_bytes(self, itemsize: int, load_in: str = "none") -> int:
+        """Bytes of the weights once loaded in a dtype of ``itemsize`` bytes, layers as ``load_in`` says."""
+        per_weight = LOAD_IN[load_in] or itemsize
+        return int(self.n_layers * self.params_per_layer * per_weight + self.params_outside_layers * itemsize)
 
     def params_of(self, plan: LayerPlan) -> int:
         return self.params_outside_layers + plan.n_layers * self.params_per_layer

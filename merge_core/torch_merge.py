@@ -9,6 +9,7 @@ is indexed by position, and two positions sharing one index would overwrite each
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from merge_core import architectures
 from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
+from merge_core.model_shape import LOAD_IN, ModelShape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -36,10 +38,51 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "auto"):
-    """(model, tokenizer) from an HF folder, a GGUF file (dequantized) or a hub id (the usual cache)."""
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            break
+        n /= 1024
+    return f"{n:.1f} {unit}"
+
+
+def check_fits(source: str | Path, dtype: str, load_in: str, device: torch.device) -> None:
+    """Refuse a base too large for the device before loading it, with the numbers."""
+    need, free = ModelShape.of(source).loaded_bytes(torch_dtype(dtype).itemsize, load_in), _free_bytes(device)
+    if need > 0.95 * free:
+        how = dtype if load_in == "none" else f"{load_in} ({dtype} outside the layers)"
+        hint = "; backend.load_in=nf4 takes about a quarter of bf16" if load_in != "nf4" else ""
+        raise SelfMergeError(
+            f"the base {source} needs {_size(need)} in {how} but {device} has {_size(free)} free{hint}"
+        )
+
+
+def _quantization_config(load_in: str, dtype: str):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SelfMergeError(f"backend.load_in={load_in} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype)
+    )
+
+
+def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "auto", load_in: str = "none"):
+    """(model, tokenizer) from an HF folder, a GGUF file (dequantized) or a hub id (the usual cache);
+    ``load_in`` int8|nf4 quantizes the layers' linear weights while loading (an HF model only)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    if load_in not in LOAD_IN:
+        raise SelfMergeError(f"backend.load_in={load_in!r} is unknown; choose one of {list(LOAD_IN)}")
     source = str(source)
     kwargs: dict = {}
     where = source
@@ -47,17 +90,29 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "au
         path = Path(source)
         if not path.is_file():
             raise SelfMergeError(f"model file not found: {source}")
+        if load_in != "none":
+            raise SelfMergeError(
+                f"backend.load_in={load_in} needs a Hugging Face model; {path.name} is a GGUF, which "
+                "transformers dequantizes: score it with backend=llama_cpp, or give its HF original"
+            )
         where, kwargs = str(path.parent), {"gguf_file": path.name}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except OSError as err:
         raise SelfMergeError(f"cannot load model {source!r}: {str(err).splitlines()[0]}") from None
     architectures.of_config({"architectures": config.architectures, "model_type": config.model_type})
+    target = resolve_device(device)
+    if Path(where).exists():  # a hub id's files are fetched by from_pretrained; its size is checked by it
+        check_fits(source if "gguf_file" in kwargs else where, dtype, load_in, target)
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    if load_in != "none":  # bitsandbytes places weights as it quantizes them; the model is not moved after
+        kwargs.update(quantization_config=_quantization_config(load_in, dtype), device_map={"": target})
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    model.to(resolve_device(device)).eval().requires_grad_(False)
+    if load_in == "none":
+        model.to(target)
+    model.eval().requires_grad_(False)
     return model, tokenizer
 
 

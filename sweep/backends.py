@@ -119,7 +119,7 @@ class TorchBackend:
         from evals.torch_model import compiled_layer_fn, run_layer
 
         self.source, self.config = source, config
-        self.base, self.tokenizer = load_causal_lm(source, config.dtype, config.device)
+        self.base, self.tokenizer = load_causal_lm(source, config.dtype, config.device, config.load_in)
         self.layer_fn = compiled_layer_fn() if config.compile else run_layer
 
     @property

@@ -47,6 +47,7 @@ class BackendConfig:
     quant_mode: str = "reuse"  # reuse: quantize the base once; requantize: merge in F16, quantize each plan
     convert_type: str = "f16"  # llama_cpp, HF model: the unquantized GGUF (f16 | bf16)
     dtype: str = "float32"  # torch: float32 | bfloat16 | float16
+    load_in: str = "none"  # torch, HF model: none | int8 | nf4 (bitsandbytes; plans share the quantized layers)
     device: str = "auto"  # torch: auto (CUDA if present) | cpu | cuda | cuda:N
     batch_windows: int = 8  # torch: perplexity windows per forward pass
     compile: bool = False  # torch: torch.compile the decoder layer for perplexity (GPU: ~15% faster after a one-off compile)
@@ -55,6 +56,7 @@ class BackendConfig:
     def __post_init__(self) -> None:
         from merge_core.gguf_convert import OUT_TYPES
         from merge_core.gguf_quantize import QUANT_MODES
+        from merge_core.model_shape import LOAD_IN
 
         if self.kind not in BACKENDS:
             raise SelfMergeError(f"unknown backend {self.kind!r}; choose one of {list(BACKENDS)}")
@@ -64,6 +66,8 @@ class BackendConfig:
             raise SelfMergeError(f"backend.convert_type={self.convert_type!r} is unknown; choose one of {list(OUT_TYPES)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise SelfMergeError(f"backend.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16")
+        if self.load_in not in LOAD_IN:
+            raise SelfMergeError(f"backend.load_in={self.load_in!r} is unknown; choose one of {list(LOAD_IN)}")
         if self.gen_batch < 0:
             raise SelfMergeError(f"backend.gen_batch={self.gen_batch} is out of range: must be >= 0 (0 = from free memory)")
         if self.batch_windows < 1:
@@ -71,8 +75,9 @@ class BackendConfig:
 
     def scoring(self) -> dict:
         """What changes a score (a resumed sweep must match it): not the device or batch size."""
-        if self.kind == "torch":
-            return {"kind": self.kind, "dtype": self.dtype}
+        if self.kind == "torch":  # load_in only when set: sweeps stored before it existed still resume
+            quantized = {"load_in": self.load_in} if self.load_in != "none" else {}
+            return {"kind": self.kind, "dtype": self.dtype, **quantized}
         return {"kind": self.kind, "quant": self.quant, "quant_mode": self.quant_mode, "convert_type": self.convert_type}
 
 

@@ -1,5 +1,5 @@
-"""Tiny random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 checkpoints with a real byte-level BPE tokenizer, built in
-seconds with no download: the HF path's tests run on them."""
+"""Tiny random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints with a real byte-level BPE
+tokenizer, built in seconds with no download: the HF path's tests run on them."""
 
 from __future__ import annotations
 
@@ -33,15 +33,20 @@ def write_tokenizer(folder: Path, vocab_size: int = 512) -> None:
 
 def build_tiny(kind: str, folder: Path, n_layers: int = 6, hidden: int = 64, dtype=torch.bfloat16, max_shard_size=None, seed: int = 0) -> Path:
     """A random ``kind`` model saved as safetensors, with its tokenizer: llama | mistral | qwen2 | qwen3,
-    or llama3 (Llama with Llama 3.x's RoPE scaling, its frequencies rescaled within the tiny head size)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    llama3 (Llama with Llama 3.x's RoPE scaling, its frequencies rescaled within the tiny head size), or
+    gemma3 (a global layer after every two sliding ones, so a plan moves global layers off llama.cpp's
+    index-derived places; each kind keeps its own RoPE base, 10k or 1M)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "gemma3": Gemma3TextConfig}  # fmt: skip
     extra = {"llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 256, "rope_theta": 10000.0}}}  # fmt: skip
+                                            "original_max_position_embeddings": 256, "rope_theta": 10000.0}},
+             "gemma3": {"head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4, "sliding_window": 512,
+                        "layer_types": [("sliding_attention", "sliding_attention", "full_attention")[i % 3] for i in range(n_layers)]}}  # fmt: skip
     config = classes[kind](
         vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1, tie_word_embeddings=kind in ("qwen2", "qwen3"),
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1, tie_word_embeddings=kind in ("qwen2", "qwen3", "gemma3"),
         bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra.get(kind, {}),
     )  # fmt: skip
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""The Hugging Face path on tiny random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 checkpoints:
+"""The Hugging Face path on tiny random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints:
 safetensors passthrough, GGUF conversion and quantization, the in-memory torch backend, and their
 agreement."""
 
@@ -19,6 +19,7 @@ from merge_core.gguf_quantize import quantize_gguf
 from merge_core.hf_checkpoint import HFCheckpoint
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import read_mergekit_yaml
+from merge_core.model_shape import ModelShape
 from merge_core.safetensors_merge import merge_safetensors
 from merge_core.torch_merge import load_causal_lm, merged_model
 from tiny_models import build_tiny
@@ -27,7 +28,7 @@ PLAN = LayerPlan.parse("0-4,2-6,3-6")  # layers 2 and 3 twice, 3 three times: 11
 TEXT = "Return the number of items in a container, or raise TypeError if it has no length. " * 12
 
 
-@pytest.fixture(scope="module", params=["llama", "llama3", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"])
 def tiny(request, tmp_path_factory):
     """A tiny random model; the Llama one is sharded (index.json) to exercise that path."""
     shard = "150KB" if request.param == "llama" else None
@@ -153,3 +154,44 @@ def test_unsupported_architecture_is_named(tmp_path):
         load_causal_lm(folder)
     with pytest.raises(SelfMergeError, match="architecture GPT2LMHeadModel is not supported"):
         convert_hf_to_gguf(folder, tmp_path / "g.gguf")
+
+
+@pytest.mark.parametrize("load_in", ["nf4", "int8"])
+def test_a_base_quantized_in_memory_is_shared_by_its_plans(load_in, tmp_path):
+    """backend.load_in: bitsandbytes quantizes the layers' linear weights while loading; a plan's
+    repeated layers are the same quantized modules (0 extra bytes) and score as the merged folder
+    loaded the same way."""
+    pytest.importorskip("bitsandbytes", reason="pip install bitsandbytes (the test extra installs it)")
+    folder = build_tiny("llama", tmp_path / "model", hidden=128, dtype=torch.float32)
+    full, tokenizer = load_causal_lm(folder, "float32", "cpu")
+    base, _ = load_causal_lm(folder, "float32", "cpu", load_in=load_in)
+    assert type(base.model.layers[0].mlp.up_proj).__name__ == {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[load_in]
+    assert base.get_memory_footprint() < 0.8 * full.get_memory_footprint()
+    merged = merged_model(base, PLAN)
+    assert {p.data_ptr() for p in merged.parameters()} <= {p.data_ptr() for p in base.parameters()}
+    assert merged.model.layers[4].mlp.up_proj is base.model.layers[2].mlp.up_proj  # the very same module
+    on_disk, _ = load_causal_lm(merge_safetensors(folder, PLAN, tmp_path / "merged"), "float32", "cpu", load_in=load_in)
+    window = tokenizer(TEXT)["input_ids"][:96]
+    quantized = TorchModel(merged, tokenizer).window_nll(window, 48)
+    assert np.allclose(quantized, TorchModel(on_disk, tokenizer).window_nll(window, 48), atol=1e-4)
+    exact = TorchModel(merged_model(full, PLAN), tokenizer).window_nll(window, 48)
+    assert not np.array_equal(quantized, exact)  # quantized indeed, and its mean NLL within 5% of the exact one
+    assert abs(quantized.mean() - exact.mean()) < 0.05 * exact.mean()
+
+
+def test_load_in_and_size_refusals_name_the_problem(tmp_path, monkeypatch):
+    from merge_core import torch_merge
+
+    tiny = build_tiny("llama", tmp_path / "model")
+    with pytest.raises(SelfMergeError, match=r"backend.load_in='int4' is unknown; choose one of \['none', 'int8', 'nf4'\]"):
+        load_causal_lm(tiny, load_in="int4")
+    gguf = convert_hf_to_gguf(tiny, tmp_path / "tiny.gguf")
+    with pytest.raises(SelfMergeError, match="backend.load_in=nf4 needs a Hugging Face model; tiny.gguf is a GGUF"):
+        load_causal_lm(gguf, load_in="nf4")
+    monkeypatch.setattr(torch_merge, "_free_bytes", lambda device: 100_000)  # a device with 97.7 KiB free
+    need, need_nf4 = (torch_merge._size(ModelShape.of(tiny).loaded_bytes(4, load_in)) for load_in in ("none", "nf4"))
+    assert need.endswith(" MiB") and need_nf4.endswith(" KiB")  # nf4: about a third of float32 here (embeddings stay)
+    with pytest.raises(SelfMergeError, match=rf"needs {need} in float32 but cpu has 97\.7 KiB free; backend.load_in=nf4"):
+        load_causal_lm(tiny, "float32", "cpu")
+    with pytest.raises(SelfMergeError, match=rf"needs {need_nf4} in nf4 \(float32 outside"):
+        load_causal_lm(tiny, "float32", "cpu", load_in="nf4")
