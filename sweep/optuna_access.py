@@ -13,7 +13,9 @@ import heapq
 from typing import Any, Union
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb.models import TrialUserAttributeModel
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from evals.schema import Field
@@ -27,6 +29,21 @@ def trial_id(trial: AnyTrial) -> int:
 
 def set_system_attr(study: optuna.Study, trial: AnyTrial, key: str, value: Any) -> None:
     study._storage.set_trial_system_attr(trial_id(trial), key, value)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """``attrs`` on a running trial in one transaction. Optuna's ``set_user_attr`` commits each one
+    (~2 ms apiece on SQLite): a record of a dozen fields was a quarter of a trial's bookkeeping."""
+    storage = trial.study._storage
+    backend = getattr(storage, "_backend", storage)  # _CachedStorage passes trial attributes through
+    if not isinstance(backend, RDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, TrialUserAttributeModel, trial_id(trial), key, value)
+    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 def read_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -65,17 +82,33 @@ def retried_number(trial: FrozenTrial) -> int | None:
 
 
 class _WindowedStudy:
-    """The study as a sampler sees it through ``WindowedSampler``: every attribute is the study's,
-    but its trials are those of the window."""
+    """The study as a sampler sees it through ``WindowedSampler`` during one trial's asks: every
+    attribute is the study's, but its trials are those of the window, read once per query for the
+    whole ask (TPE asks for them about nine times a trial, each a storage read and a selection)."""
 
-    def __init__(self, study: optuna.Study, window: "_Window") -> None:
-        self._study, self._window = study, window
+    def __init__(self, study: optuna.Study, window: "_Window", only_new: set[int] | None = None) -> None:
+        self._study, self._window, self._only_new = study, window, only_new
+        self._read: dict[tuple, list[FrozenTrial]] = {}
+
+    def new_trials_only(self, seen: set[int]) -> "_WindowedStudy":
+        """The same view, each query answered with the trials not in ``seen`` (which it then joins)."""
+        view = _WindowedStudy(self._study, self._window, seen)
+        view._read = self._read
+        return view
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
-        return self._window.select(self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache))
+        key = (deepcopy, tuple(states) if states is not None else None)
+        if key not in self._read:
+            trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+            self._read[key] = self._window.select(trials)
+        if self._only_new is None:
+            return self._read[key]
+        new = [trial for trial in self._read[key] if trial.number not in self._only_new]
+        self._only_new.update(trial.number for trial in new)
+        return new
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
         return self._get_trials(deepcopy, states)
@@ -111,18 +144,27 @@ class WindowedSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, inner: optuna.samplers.BaseSampler, size: int, minimize: bool) -> None:
         self.inner, self.size, self._window = inner, size, _Window(size, minimize)
+        self._views: dict[int, _WindowedStudy] = {}  # the current trial's view only
+        self._in_search_space: set[int] = set()  # trials the inner sampler's search space has seen
 
-    def _view(self, study: optuna.Study) -> Any:
-        return _WindowedStudy(study, self._window)
+    def _view(self, study: optuna.Study, trial: AnyTrial) -> Any:
+        if trial.number not in self._views:
+            self._views = {trial.number: _WindowedStudy(study, self._window)}
+        return self._views[trial.number]
 
     def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(self._view(study), trial)
+        """TPE's grouped search space grows by each trial's distributions and keeps what it saw, so it
+        is shown only the trials it has not seen: walking the whole window each ask cost a third of it."""
+        view = self._view(study, trial)
+        if getattr(self.inner, "_group", False):
+            view = view.new_trials_only(self._in_search_space)
+        return self.inner.infer_relative_search_space(view, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.inner.sample_relative(self._view(study), trial, search_space)
+        return self.inner.sample_relative(self._view(study, trial), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+        return self.inner.sample_independent(self._view(study, trial), trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
         self.inner.before_trial(study, trial)

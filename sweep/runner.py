@@ -46,7 +46,7 @@ from sweep.samplers import make_sampler
 from sweep.scoring import TrialScorer, scoring_fingerprint
 from sweep.seeding import enqueue, plan_to_enqueue
 from sweep.spaces import SearchSpace, build_space
-from sweep.optuna_access import read_trial, retry_once
+from sweep.optuna_access import read_trial, retry_once, set_user_attrs
 from sweep.study import is_journal, open_sweep_study, retry_orphaned_trials, sweep_lock
 from sweep.study_index import StudyIndex
 from sweep.trial_work import TrialWork, merge_record
@@ -97,8 +97,8 @@ def run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
 def _run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
     # 1. ask the sampler for a plan
     plan = env.space.suggest(trial)
-    _set_attrs(trial, env.space.derived(plan))
-    _set_attrs(trial, {Field.PLAN: str(plan), Field.N_LAYERS: plan.n_layers, Field.WORKER: WORKER})
+    set_user_attrs(trial, {**env.space.derived(plan), Field.PLAN: str(plan), Field.N_LAYERS: plan.n_layers,
+                           Field.WORKER: WORKER})  # fmt: skip
 
     # 2. reuse a scored plan, or claim it: scored before (the index as of the last trial); being scored
     # by another worker; or finished since (the index brought up to date)
@@ -122,18 +122,12 @@ def _run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
         raise TrialFailed(reason) from err
 
     # 5. record: the child's worker field names the child; WORKER names the sweep process
-    _set_attrs(trial, {k: v for k, v in record.items() if k != Field.WORKER})
-    if path.exists():  # which worker (machine) holds the file, as long as it is kept
-        trial.set_user_attr(Field.MODEL_PATH, str(path.resolve()))
+    kept = {Field.MODEL_PATH: str(path.resolve())} if path.exists() else {}  # which worker holds the file
+    set_user_attrs(trial, {**{k: v for k, v in record.items() if k != Field.WORKER}, **kept})
     if record.get(Field.PRUNED):
         path.unlink(missing_ok=True)
         raise env.early_stop.pruned(record[Field.PPL_EARLY])
     return [float(record[name]) for name in env.objectives]
-
-
-def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
 
 
 def _scored(plan: str, index: StudyIndex) -> Optional[FrozenTrial]:
@@ -144,14 +138,13 @@ def _scored(plan: str, index: StudyIndex) -> Optional[FrozenTrial]:
 
 def _reuse(trial: optuna.Trial, earlier: FrozenTrial, env: TrialEnv) -> list[float]:
     """A cache hit: the earlier trial's record, its timings zeroed (nothing ran), its outcome repeated.
-    Each attribute is written once (each write is a storage commit, and most trials of a long sweep
-    are cache hits)."""
+    Only attributes that differ are written, in one commit."""
     own, mine = (Field.CLAIM, Field.WORKER, Field.DRAWN, Field.ENQUEUED), trial.user_attrs  # not inherited; set already
     attrs = {k: v for k, v in earlier.user_attrs.items() if k not in own and (k not in mine or mine[k] != v)}
     timings = [spec.seconds for spec in EVALS.values()] + [Field.MERGE_SECONDS]
     attrs.update({key: 0.0 for key in timings if key in earlier.user_attrs})
     attrs[Field.CACHE_HIT_OF] = earlier.user_attrs.get(Field.CACHE_HIT_OF, earlier.number)
-    _set_attrs(trial, attrs)
+    set_user_attrs(trial, attrs)
     if earlier.state == TrialState.PRUNED:
         env.early_stop(trial, earlier.user_attrs[Field.PPL_EARLY])
         raise env.early_stop.pruned(earlier.user_attrs[Field.PPL_EARLY])

@@ -3,6 +3,8 @@
 import optuna
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 from merge_core import SelfMergeError
@@ -111,6 +113,19 @@ def test_pareto_flags():
     assert pareto_flags(points, ["minimize", "maximize"]) == [False, False, False, True, True]
 
 
+@given(
+    st.lists(st.tuples(st.sampled_from([1.0, 2.0, 2.5, 3.0]), st.sampled_from([18, 30, 36, 40]), st.floats(0, 1)),
+             min_size=1, max_size=40),
+    st.lists(st.sampled_from(["minimize", "maximize"]), min_size=3, max_size=3),
+)  # fmt: skip
+def test_pareto_flags_follow_the_definition_with_ties(points, directions):
+    """The sort for two objectives (and the comparison for three) against the definition itself."""
+    for width in (2, 3):
+        keyed = [tuple(v if d == "minimize" else -v for v, d in zip(p[:width], directions)) for p in points]
+        expected = [not any(all(o <= m for o, m in zip(other, mine)) and other != mine for other in keyed) for mine in keyed]
+        assert pareto_flags([p[:width] for p in points], directions[:width]) == expected
+
+
 @pytest.mark.slow
 def test_two_objectives_with_nsga2_mark_the_pareto_front(tmp_path, wikitext_file):
     study = _sweep(tmp_path, wikitext_file, "pareto", 6, "sampler=nsga2", "sweep.objectives=[ppl,n_layers]").run()
@@ -152,14 +167,45 @@ def test_windowed_tpe_sees_the_best_and_the_latest_trials():
     values = [((7 * n) % 1000) / 10 for n in range(2500)]
     study.add_trials([optuna.trial.create_trial(value=v, params={"x": int(v)}, distributions={"x": IntDistribution(0, 100)})
                       for v in values])  # fmt: skip
-    sampler = WindowedSampler(optuna.samplers.TPESampler(seed=0), size=300, minimize=True)
-    seen = sampler._view(study)._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sampler = WindowedSampler(optuna.samplers.TPESampler(seed=0, multivariate=True, group=True), size=300, minimize=True)
+    seen = sampler._view(study, study.trials[-1])._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     numbers = {t.number for t in seen}
     best = sorted(range(2500), key=lambda n: (values[n], n))[:300]
     assert len(seen) <= 600 and set(range(2200, 2500)) <= numbers and set(best) <= numbers
     study.sampler = sampler
+    reads = []
+    study_get_trials = study._get_trials
+    study._get_trials = lambda *a, **k: reads.append(k.get("states")) or study_get_trials(*a, **k)
     trial = study.ask()
     assert 0 <= trial.suggest_int("x", 0, 100) <= 100  # TPE samples through the window
+    assert 0 <= trial.suggest_int("y", 0, 9) <= 9
+    assert len(reads) == len(set(map(str, reads))) <= 3  # each query read once for the whole ask
+    # the grouped search space is shown each trial once, and comes out as if shown the whole window
+    assert sampler._in_search_space == numbers
+    whole = optuna.samplers.TPESampler(multivariate=True, group=True).infer_relative_search_space(
+        WindowedSampler(None, 300, True)._view(study, trial), trial)  # fmt: skip
+    assert sampler.infer_relative_search_space(study, study.ask()) == whole == {"x": IntDistribution(0, 100)}
+
+
+def test_a_record_is_written_in_one_commit(tmp_path):
+    import sqlalchemy
+
+    from sweep.optuna_access import set_user_attrs
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    commits = []
+    sqlalchemy.event.listen(storage.engine, "commit", lambda connection: commits.append(1))
+    record = {"plan": "0-16,8-30", "n_layers": 38, "ppl": 12.5, "eval_seconds": 3.2, "pruned": False}
+    set_user_attrs(trial, record)
+    assert len(commits) == 1 and trial.user_attrs == record
+    set_user_attrs(trial, {"ppl": 12.25})  # an attribute written again is replaced
+    study.tell(trial, 12.25)
+    stored = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
+    assert stored.user_attrs == {**record, "ppl": 12.25}
+    with pytest.raises(RuntimeError, match="finished"):  # Optuna's own guard holds: a finished trial is not changed
+        set_user_attrs(trial, {"ppl": 1.0})
 
 
 def test_study_index_counts_distinct_plans_and_learns_incrementally():
