@@ -3,7 +3,8 @@
     python benchmarks/hf_merge_vs_mergekit.py --mergekit /path/to/venv/bin/mergekit-yaml [--shard 120MB]
 
 The model is the bundled SmolLM2 written out as an HF folder (dequantized, float32, sharded at
---shard). Each tool runs in its own process; wall time and peak RSS of that process are measured,
+--shard). Plans that name sources (``a:0-16,b:8-30``) are frankenmerges of several "fine-tunes":
+``a`` is that folder, ``b`` and ``c`` copies of it with every weight nudged by seeded noise. Each tool runs in its own process; wall time and peak RSS of that process are measured,
 then every tensor of the two outputs is compared (names, dtypes, shapes, bytes). mergekit is not a
 dependency: install it in a separate virtualenv (``pip install torch==2.13.0 mergekit``).
 Prints a table and writes results/benchmarks/hf_merge_vs_mergekit.json.
@@ -27,6 +28,9 @@ from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_files import bundled_model_path
 from sweep.config import parse_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import build_finetune  # noqa: E402
 
 RESULTS = Path("results/benchmarks")
 # run a command, print its own wall time and peak RSS (its children's, from this wrapper's view)
@@ -63,7 +67,8 @@ def differences(a: Path, b: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", required=True, help="the mergekit-yaml executable (in its own virtualenv)")
-    parser.add_argument("--plans", nargs="+", default=["0-16,8-30", "0-10,6-16,12-22,18-30"])
+    parser.add_argument("--plans", nargs="+", default=["0-16,8-30", "0-10,6-16,12-22,18-30", "a:0-16,b:8-30",
+                                                        "b:0-20,c:10-30", "a:0-10,b:6-16,c:12-22,a:18-30"])  # fmt: skip
     parser.add_argument("--shard", default="120MB", help="shard size of the source and of both outputs")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -79,13 +84,16 @@ def main() -> None:
             if (folder / name).is_file():
                 (tmp / "source" / name).write_bytes((folder / name).read_bytes())
         source = tmp / "source"
+        sources = {"a": source, **{name: build_finetune(source, tmp / name, seed) for name, seed in (("b", 1), ("c", 2))}}
         largest_shard = max(p.stat().st_size for p in source.glob("*.safetensors"))
         for text in args.plans:
             plan = LayerPlan.parse(text)
+            used = {name: str(sources[name]) for name in plan.source_names}
             recipe = tmp / "recipe.yml"
-            recipe.write_text(plan_to_mergekit_yaml(plan, str(source), dtype="float32"))
+            recipe.write_text(plan_to_mergekit_yaml(plan, used or str(source), dtype="float32"))
             ours, theirs = tmp / f"ours-{len(rows)}", tmp / f"mergekit-{len(rows)}"
-            selfmerge_cmd = [sys.executable, "-m", "sweep.cli", "merge", str(source), "--plan", text, "--out", str(ours), "--out-shard-size", str(shard_bytes)]
+            models = [f"{name}={path}" for name, path in used.items()] or [str(source)]
+            selfmerge_cmd = [sys.executable, "-m", "sweep.cli", "merge", *models, "--plan", text, "--out", str(ours), "--out-shard-size", str(shard_bytes)]
             ours_s, ours_mb = measured(selfmerge_cmd, ours, args.repeats)
             theirs_s, theirs_mb = measured([args.mergekit, str(recipe), str(theirs), "--out-shard-size", f"{shard_bytes // 10**6}M", "--copy-tokenizer"], theirs, args.repeats)
             problems = differences(ours, theirs)

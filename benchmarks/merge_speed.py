@@ -1,4 +1,6 @@
 """GGUF merge speed vs a plain file copy of the same size, and perplexity tokens/s, on the bundled model.
+Plans named ``a:..,b:..`` merge from two files: the bundled model (a) and its layers requantized to
+Q8_0 (b, written once here), as a frankenmerge of two fine-tunes does.
 
     python benchmarks/merge_speed.py [--repeats 7] [--windows 8]
 
@@ -21,10 +23,12 @@ from pathlib import Path
 
 from evals.ppl_eval import PerplexityEval
 from merge_core.gguf_merge import merge_gguf
+from merge_core.gguf_quantize import quantize_gguf
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import bundled_model_path
 
-PLANS = ["0-30", "0-16,8-30", "0-10,6-16,12-22,18-30", "0-12,8-20,16-30"]
+PLANS = ["0-30", "0-16,8-30", "0-10,6-16,12-22,18-30", "0-12,8-20,16-30",
+         "a:0-16,b:8-30", "a:0-10,b:6-16,a:12-22,b:18-30"]  # fmt: skip
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -48,10 +52,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        sources = {"a": base, "b": quantize_gguf(base, tmp / "b.Q8_0.gguf", "Q8_0", allow_requantize=True)}
+        sources["b"].read_bytes()
         for text in PLANS:
             plan = LayerPlan.parse(text)
             out = tmp / "merged.gguf"
-            merge_s = median_seconds(lambda: merge_gguf(base, plan, out), args.repeats)
+            source = sources if plan.sources else base
+            merge_s = median_seconds(lambda: merge_gguf(source, plan, out), args.repeats)
             size = out.stat().st_size
             copy_s = median_seconds(lambda: shutil.copyfile(out, tmp / "copy.gguf"), args.repeats)
             rows.append(

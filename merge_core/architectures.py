@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence, TypeVar
+from typing import Mapping, Optional, Protocol, Sequence, TypeVar
 
 from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
@@ -18,9 +18,12 @@ from merge_core.layer_plan import LayerPlan
 
 @dataclass(frozen=True)
 class LayerNames:
-    """How one format names a layer's tensors: ``<prefix><index>.<suffix>``."""
+    """How one format names a layer's tensors: ``<prefix><index>.<suffix>``; and which tensors outside
+    the layers come after them (final norm, output head), which a frankenmerge takes from the model of
+    its last slice (mergekit's passthrough does; the embeddings come with the first slice's model)."""
 
     prefix: str
+    after_layers: tuple[str, ...] = ()  # name prefixes
     pattern: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -35,8 +38,8 @@ class LayerNames:
         return f"{self.prefix}{index}.{suffix}"
 
 
-HF_LAYERS = LayerNames("model.layers.")  # transformers' decoder stack
-GGUF_LAYERS = LayerNames("blk.")  # every llama.cpp architecture (gguf-py's TENSOR_NAMES)
+HF_LAYERS = LayerNames("model.layers.", after_layers=("model.norm.", "lm_head."))  # transformers' decoder stack
+GGUF_LAYERS = LayerNames("blk.", after_layers=("output_norm.", "output."))  # llama.cpp (gguf-py's TENSOR_NAMES)
 
 
 @dataclass(frozen=True)
@@ -119,23 +122,37 @@ T = TypeVar("T", bound=Named)
 
 
 def plan_tensors(tensors: Sequence[T], plan: LayerPlan, names: LayerNames) -> list[tuple[str, T]]:
-    """The one re-order planner: (output name, source tensor) for ``plan``. Tensors outside the
-    layers stay in place; the plan's layers are written where the source's layers began, each with
-    its tensors in source order. A layer the plan uses twice appears twice (its own copy)."""
-    layers: dict[int, list[tuple[str, T]]] = {}
-    for tensor in tensors:
-        split = names.split(tensor.name)
-        if split is not None:
-            layers.setdefault(split[0], []).append((split[1], tensor))
-    order: list[tuple[str, T]] = []
+    """(output name, source tensor) for a plan of one model: ``plan_source_tensors`` with one source."""
+    return [(name, tensor) for name, _, tensor in plan_source_tensors({"": tensors}, plan, names, "")]
+
+
+def plan_source_tensors(tensors: Mapping[str, Sequence[T]], plan: LayerPlan, names: LayerNames,
+                        default: str) -> list[tuple[str, str, T]]:  # fmt: skip
+    """The one re-order planner: (output name, source, source tensor) for ``plan`` over the models in
+    ``tensors`` (by source name; ``default`` for a plan without names). Tensors outside the layers stay
+    in place, in the first slice's model's order: those ``names.after_layers`` lists from the last
+    slice's model, the rest (embeddings) from the first. The plan's layers are written where the
+    layers began, each with its tensors in source order; a layer used twice appears twice."""
+    sources = plan.source_of_slices(default)
+    first, last = sources[0], sources[-1]
+    layers: dict[tuple[str, int], list[tuple[str, T]]] = {}
+    for source in set(sources):
+        for tensor in tensors[source]:
+            split = names.split(tensor.name)
+            if split is not None:
+                layers.setdefault((source, split[0]), []).append((split[1], tensor))
+    last_outside = {t.name: t for t in tensors[last] if names.split(t.name) is None}
+    order: list[tuple[str, str, T]] = []
     layers_written = False
-    for tensor in tensors:
+    for tensor in tensors[first]:
         if names.split(tensor.name) is None:
-            order.append((tensor.name, tensor))
+            after = tensor.name.startswith(names.after_layers) and tensor.name in last_outside
+            order.append((tensor.name, last, last_outside[tensor.name]) if after else (tensor.name, first, tensor))
         elif not layers_written:
             layers_written = True
-            for out_index, base_index in enumerate(plan.layer_indices):
-                order.extend((names.name(out_index, suffix), source) for suffix, source in layers[base_index])
+            for out_index, (source, layer) in enumerate(plan.layer_sources):
+                source = source or default
+                order.extend((names.name(out_index, suffix), source, t) for suffix, t in layers[(source, layer)])
     return order
 
 

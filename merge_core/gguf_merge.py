@@ -2,6 +2,8 @@
 
 Every metadata entry is copied byte for byte except ``<arch>.block_count`` and per-layer arrays
 (numeric arrays of length block_count, which llama.cpp reads per layer), which follow the plan.
+A plan over several models (``a:0-24,b:8-32``) takes each block from its slice's file, the metadata
+and embeddings from the first slice's model and the output norm and head from the last one's.
 A sliding-window pattern that llama.cpp would derive from the layer index (Gemma 3: every sixth
 layer global) is written out as one flag per output layer, so each layer keeps its source's kind.
 Tensor data is copied file-to-file by the kernel (``copy_file_range``), so memory stays flat
@@ -10,13 +12,15 @@ whatever the model size and quantized blocks are never dequantized.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from gguf import GGUFValueType, Keys
 
-from merge_core.architectures import gguf_layer_names, of_gguf, plan_tensors, sliding_layers
+from merge_core.architectures import gguf_layer_names, of_gguf, plan_source_tensors, sliding_layers
 from merge_core.byte_copy import copy_range, write_all, written_as_partial
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_file import (
@@ -27,9 +31,9 @@ from merge_core.gguf_file import (
     MetadataEntry,
     TensorInfo,
     align_up,
-    read_gguf_header,
 )
 from merge_core.layer_plan import LayerPlan
+from merge_core.sources import gguf_sources
 
 
 def _gguf_string(text: str) -> bytes:
@@ -65,91 +69,102 @@ def source_sliding_layers(header: GGUFHeader) -> list[bool] | None:
     return sliding_layers(header.block_count, int(pattern.value) if pattern is not None else arch.swa_period)
 
 
-def merged_metadata(header: GGUFHeader, plan: LayerPlan) -> list[bytes]:
-    block_count_key = f"{header.architecture}.block_count"
-    pattern_key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=header.architecture)
-    n_base, indices = header.block_count, list(plan.layer_indices)
-    sliding = source_sliding_layers(header)
+def merged_metadata(headers: Mapping[str, GGUFHeader], plan: LayerPlan) -> list[bytes]:
+    """The merge's metadata: the first slice's model's entries (its tokenizer and chat template go with
+    its embeddings), ``block_count`` and per-layer arrays following the plan, each output layer's value
+    from its own source. ``headers`` by source name ("" for a plan of one model)."""
+    first = headers[plan.source_of_slices("")[0]]
+    arch = first.architecture
+    block_count_key = f"{arch}.block_count"
+    pattern_key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)
+    positions = plan.layer_sources
+    sliding = {name: source_sliding_layers(header) for name, header in headers.items()}
+    derived = all(flags is not None for flags in sliding.values())
     entries = []
-    for key, entry in header.metadata.items():
+    for key, entry in first.metadata.items():
         if key == block_count_key:
             entries.append(_entry_with_value(entry, plan.n_layers))
-            if sliding is not None:  # placed beside block_count; a scalar period is replaced
-                entries.append(_bool_array(pattern_key, [sliding[i] for i in indices]))
-        elif key == pattern_key and sliding is not None:
+            if derived:  # placed beside block_count; a scalar period is replaced
+                entries.append(_bool_array(pattern_key, [sliding[name][layer] for name, layer in positions]))
+        elif key == pattern_key and derived:
             continue
         elif (
             entry.value_type == ARRAY
             and isinstance(entry.value, np.ndarray)
-            and key.startswith(header.architecture + ".")
-            and len(entry.value) == n_base
+            and key.startswith(arch + ".")
+            and len(entry.value) == first.block_count
+            and all(key in h.metadata and len(h.metadata[key].value) == h.block_count for h in headers.values())
         ):
-            entries.append(_entry_with_value(entry, entry.value[indices]))
+            values = [headers[name].metadata[key].value[layer] for name, layer in positions]
+            entries.append(_entry_with_value(entry, values))
         else:
             entries.append(entry.raw)
     return entries
 
 
-def merged_tensor_order(header: GGUFHeader, plan: LayerPlan) -> list[tuple[str, TensorInfo]]:
-    """(output name, source tensor) pairs: non-block tensors in place, the plan's blocks where blk.* began."""
-    return plan_tensors(header.tensors, plan, gguf_layer_names(header.architecture))
+def merged_tensor_order(headers: Mapping[str, GGUFHeader], plan: LayerPlan) -> list[tuple[str, str, TensorInfo]]:
+    """(output name, source, tensor): outside the layers in place, the plan's blocks where blk.* began."""
+    names = gguf_layer_names(next(iter(headers.values())).architecture)
+    return plan_source_tensors({name: h.tensors for name, h in headers.items()}, plan, names, "")
 
 
 def merged_size_bound(header: GGUFHeader, plan: LayerPlan) -> int:
     """An upper bound of the merged file's size, before writing it (for disk budgets)."""
-    order = merged_tensor_order(header, plan)
-    data = sum(align_up(source.n_bytes, header.alignment) for _, source in order)
+    order = merged_tensor_order({"": header}, plan)
+    data = sum(align_up(source.n_bytes, header.alignment) for _, _, source in order)
     extra_tensors = max(0, len(order) - len(header.tensors))
     return header.data_start + 256 * extra_tensors + 8 * plan.n_layers * len(header.metadata) + header.alignment + data
 
 
-def merge_gguf(base_path: str | Path, plan: LayerPlan, out_path: str | Path) -> Path:
-    """Write the self-merge of ``base_path`` following ``plan`` to ``out_path``; return the path.
+def merge_gguf(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, out_path: str | Path) -> Path:
+    """Write the merge of ``source`` (a GGUF; or, for a plan whose slices name their models, a map of
+    name -> GGUF) following ``plan`` to ``out_path``; return the path.
 
     The file is written next to its destination under a temporary name and renamed at the end,
     so a crash never leaves a half-written model under the final name.
     """
-    header = read_gguf_header(base_path)
-    plan.validate(header.block_count)
+    headers = gguf_sources(source, plan)
     out_path = Path(out_path)
-    if out_path.resolve() == Path(base_path).resolve():
-        raise SelfMergeError(f"output {out_path} would overwrite the base model")
+    for header in headers.values():
+        if out_path.resolve() == header.path.resolve():
+            raise SelfMergeError(f"output {out_path} would overwrite the base model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    order = merged_tensor_order(header, plan)
-    metadata = merged_metadata(header, plan)
-    alignment = header.alignment
+    order = merged_tensor_order(headers, plan)
+    metadata = merged_metadata(headers, plan)
+    alignment = headers[plan.source_of_slices("")[0]].alignment
 
     out = bytearray(GGUF_MAGIC + struct.pack("<IQQ", 3, len(order), len(metadata)))
     for raw in metadata:
         out += raw
     offset = 0
-    for name, source in order:
-        out += _gguf_string(name) + struct.pack("<I", len(source.dims)) + struct.pack(f"<{len(source.dims)}Q", *source.dims)
-        out += struct.pack("<IQ", source.ggml_type, offset)
-        offset = align_up(offset + source.n_bytes, alignment)
+    for name, _, tensor in order:
+        out += _gguf_string(name) + struct.pack("<I", len(tensor.dims)) + struct.pack(f"<{len(tensor.dims)}Q", *tensor.dims)
+        out += struct.pack("<IQ", tensor.ggml_type, offset)
+        offset = align_up(offset + tensor.n_bytes, alignment)
     out += b"\0" * (align_up(len(out), alignment) - len(out))
 
-    with written_as_partial(out_path) as partial, open(header.path, "rb") as src, open(partial, "wb") as dst:
-        src_fd, dst_fd = src.fileno(), dst.fileno()
+    with written_as_partial(out_path) as partial, open(partial, "wb") as dst, contextlib.ExitStack() as files:
+        src_fds = {name: files.enter_context(open(h.path, "rb")).fileno() for name, h in headers.items()}
+        dst_fd = dst.fileno()
         write_all(dst_fd, out)
-        for src_offset, n_bytes, padding in _copy_runs(order, alignment):
-            copy_range(src_fd, dst_fd, header.data_start + src_offset, n_bytes)
+        for name, src_offset, n_bytes, padding in _copy_runs(order, alignment):
+            copy_range(src_fds[name], dst_fd, headers[name].data_start + src_offset, n_bytes)
             write_all(dst_fd, b"\0" * padding)
     return out_path
 
 
-def _copy_runs(order: list[tuple[str, TensorInfo]], alignment: int) -> list[tuple[int, int, int]]:
-    """(source offset, bytes, zero padding after) per run of tensors that lie back to back in the
+def _copy_runs(order: list[tuple[str, str, TensorInfo]], alignment: int) -> list[tuple[str, int, int, int]]:
+    """(source, offset, bytes, zero padding after) per run of tensors that lie back to back in one
     source as in the output: a block's tensors, consecutive blocks of a slice. One kernel copy per
     run instead of one per tensor; the source's own alignment padding is copied inside a run."""
-    runs: list[list[int]] = []
-    for _, source in order:
-        if runs and runs[-1][0] + runs[-1][1] + runs[-1][2] == source.offset:
+    runs: list[list] = []
+    for _, name, tensor in order:
+        if runs and runs[-1][0] == name and runs[-1][1] + runs[-1][2] + runs[-1][3] == tensor.offset:
             run = runs[-1]
-            run[1] += run[2] + source.n_bytes
+            run[2] += run[3] + tensor.n_bytes
         else:
-            run = [source.offset, source.n_bytes, 0]
+            run = [name, tensor.offset, tensor.n_bytes, 0]
             runs.append(run)
-        run[2] = align_up(source.n_bytes, alignment) - source.n_bytes
+        run[3] = align_up(tensor.n_bytes, alignment) - tensor.n_bytes
     return [tuple(run) for run in runs]

@@ -37,8 +37,10 @@ def check_quant_type(name: str) -> str:
     return name.upper()
 
 
-def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, threads: int | None = None) -> Path:
-    """Write ``in_path`` (F16/BF16/F32) quantized to ``quant`` at ``out_path`` (via ``.partial``)."""
+def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, threads: int | None = None,
+                  allow_requantize: bool = False) -> Path:  # fmt: skip
+    """Write ``in_path`` (F16/BF16/F32; an already quantized file with ``allow_requantize``, at a loss)
+    quantized to ``quant`` at ``out_path`` (via ``.partial``)."""
     import llama_cpp
 
     quant = check_quant_type(quant)
@@ -47,6 +49,7 @@ def quantize_gguf(in_path: str | Path, out_path: str | Path, quant: str, threads
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_types()[quant]
     params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = allow_requantize
     with written_as_partial(out_path) as partial:
         with _stderr_captured() as log:
             status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(partial).encode(), ctypes.byref(params))

@@ -13,6 +13,7 @@ The recipe mergekit users write for a self-merge::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 
@@ -20,19 +21,27 @@ from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
 
 
-def plan_to_mergekit_yaml(plan: LayerPlan, model: str, dtype: str | None = "bfloat16") -> str:
-    """``dtype`` None leaves it out: mergekit then keeps each tensor's own dtype."""
+def plan_to_mergekit_yaml(plan: LayerPlan, model: str | Mapping[str, str], dtype: str | None = "bfloat16") -> str:
+    """``model``: the base's id or path, or for a plan whose slices name their models a map of name ->
+    id or path. ``dtype`` None leaves it out: mergekit then keeps each tensor's own dtype."""
+    models = model if isinstance(model, Mapping) else {"": model}
+    sources = plan.source_of_slices("")
+    missing = [name for name in dict.fromkeys(sources) if name not in models]
+    if missing:
+        raise SelfMergeError(f"plan {plan} names source {missing[0]!r}, which has no model among {sorted(models)}")
     recipe = {
-        "slices": [{"sources": [{"model": model, "layer_range": [start, end]}]} for start, end in plan.slices],
+        "slices": [{"sources": [{"model": models[name], "layer_range": [start, end]}]}
+                   for name, (start, end) in zip(sources, plan.slices)],
         "merge_method": "passthrough",
-    }
+    }  # fmt: skip
     if dtype:
         recipe["dtype"] = dtype
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 
-def plan_from_mergekit_yaml(text: str) -> tuple[LayerPlan, str]:
-    """Return the plan and the (single) model of a passthrough self-merge recipe."""
+def recipe_from_mergekit_yaml(text: str) -> tuple[LayerPlan, dict[str, str]]:
+    """The plan of a passthrough recipe and its models by source name: ``{"": model}`` and a plan
+    without names for one model; for several, names a, b, c, ... in order of first use."""
     try:
         recipe = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -42,7 +51,7 @@ def plan_from_mergekit_yaml(text: str) -> tuple[LayerPlan, str]:
     method = recipe.get("merge_method", "passthrough")
     if method != "passthrough":
         raise SelfMergeError(f"mergekit recipe uses merge_method {method!r}; only 'passthrough' is a self-merge")
-    slices, models = [], set()
+    slices, models = [], []
     for i, entry in enumerate(recipe["slices"], 1):
         sources = entry.get("sources") if isinstance(entry, dict) else None
         if not isinstance(sources, list) or len(sources) != 1:
@@ -52,10 +61,21 @@ def plan_from_mergekit_yaml(text: str) -> tuple[LayerPlan, str]:
         if not (isinstance(layer_range, list) and len(layer_range) == 2):
             raise SelfMergeError(f"slice {i} of the mergekit recipe has no layer_range [start, end]")
         slices.append((int(layer_range[0]), int(layer_range[1])))
-        models.add(str(source.get("model")))
-    if len(models) != 1:
-        raise SelfMergeError(f"a self-merge recipe stacks one model; this one names {sorted(models)}")
-    return LayerPlan(tuple(slices)), models.pop()
+        models.append(str(source.get("model")))
+    distinct = list(dict.fromkeys(models))
+    if len(distinct) == 1:
+        return LayerPlan(tuple(slices)), {"": distinct[0]}
+    names = {model: chr(ord("a") + i) if i < 26 else f"m{i}" for i, model in enumerate(distinct)}
+    return LayerPlan(tuple(slices), tuple(names[m] for m in models)), {names[m]: m for m in distinct}
+
+
+def plan_from_mergekit_yaml(text: str) -> tuple[LayerPlan, str]:
+    """The plan and the (single) model of a passthrough self-merge recipe."""
+    plan, models = recipe_from_mergekit_yaml(text)
+    if plan.sources:
+        raise SelfMergeError(f"a self-merge recipe stacks one model; this one names {sorted(models.values())} "
+                             "(several models: model.sources, or selfmerge merge a=A b=B)")  # fmt: skip
+    return plan, models[""]
 
 
 def read_mergekit_yaml(path: str | Path) -> tuple[LayerPlan, str]:

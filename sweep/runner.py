@@ -158,9 +158,9 @@ class Sweep:
         self.config, self.work_type = config, work_type
         self.directory = config.sweep.directory
         self.journal = is_journal(config.storage_url)
-        self.backend: Backend = make_backend(config.model.path, config.backend, self.directory)
+        self.backend: Backend = make_backend(config.model.source, config.backend, self.directory)
         self.shape = self.backend.shape
-        self.space = build_space(config.space_kind, self.shape, config.space)
+        self.space = build_space(config.space_kind, self.shape, config.space, tuple(config.model.sources))
         self.enqueue = [plan_to_enqueue(e, self.space, self.shape, config.space_kind) for e in config.sweep.enqueue]
         self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials,
                                     config.sampler.window, config.directions[0] == "minimize")  # fmt: skip
@@ -234,7 +234,12 @@ class Sweep:
         if StudyKey.BASE in study.user_attrs:
             return study.user_attrs[StudyKey.BASE]
         plan = LayerPlan.identity(self.shape.n_layers)
-        log.info("base model %s (%d layers): scoring %s", self.backend.source.name, self.shape.n_layers, "+".join(self.config.eval.kinds))
+        source = self.backend.source  # several sources: the first is the base
+        if isinstance(source, dict):
+            name = f"{next(iter(source.values())).name} (of {', '.join(source)})"
+        else:
+            name = source.name
+        log.info("base model %s (%d layers): scoring %s", name, self.shape.n_layers, "+".join(self.config.eval.kinds))
         try:
             scores = score(self.backend.base, progress=self.config.sweep.progress)
         except Exception as err:

@@ -17,9 +17,10 @@ from evals.schema import Field
 from sweep.config import EvalConfig, SweepConfig
 
 
-def scoring_fingerprint(config: SweepConfig, base_path: Path) -> dict:
-    """What makes two scores comparable; a resumed sweep must match it."""
-    return {"model": str(base_path), "backend": config.backend.scoring(), "eval": config.eval.fingerprint()}
+def scoring_fingerprint(config: SweepConfig, base_path: Path | dict[str, Path]) -> dict:
+    """What makes two scores comparable; a resumed sweep must match it (several sources: each of them)."""
+    model = {name: str(path) for name, path in base_path.items()} if isinstance(base_path, dict) else str(base_path)
+    return {"model": model, "backend": config.backend.scoring(), "eval": config.eval.fingerprint()}
 
 
 def with_new_defaults(stored: dict) -> dict:

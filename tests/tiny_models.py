@@ -55,3 +55,24 @@ def build_tiny(kind: str, folder: Path, n_layers: int = 6, hidden: int = 64, dty
     model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     write_tokenizer(folder)
     return folder
+
+
+def build_finetune(base: Path, folder: Path, seed: int, scale: float = 0.02) -> Path:
+    """A "fine-tune" of the tiny model ``base``: every weight nudged by seeded noise (``scale`` x its
+    own spread), the same shape, tokenizer and config; a frankenmerge's second source."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for path in base.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+            continue
+        tensors = load_file(path)
+        for name, tensor in tensors.items():
+            noise = torch.randn(tensor.shape, generator=generator) * scale * tensor.float().std().clamp_min(1e-3)
+            tensors[name] = (tensor.float() + noise).to(tensor.dtype)
+        save_file(tensors, folder / path.name, metadata={"format": "pt"})
+    return folder

@@ -6,6 +6,8 @@
 | growing | start_size, growth, jump |
 | free | n_slices, size_i, jump_i (define-by-run) |
 | repeat_block | block_start, block_size |
+
+Over several source models (``model.sources``) each space also draws ``source_i`` per slice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sweep.spaces.base import SearchSpace
 from sweep.spaces.free import FreeSpace, FreeSpaceConfig
 from sweep.spaces.growing import GrowingSpace, GrowingSpaceConfig
 from sweep.spaces.repeat_block import RepeatBlockSpace, RepeatBlockSpaceConfig
+from sweep.spaces.sources import SourcedSpace
 from sweep.spaces.uniform import UniformSpace, UniformSpaceConfig
 
 SPACES = {
@@ -31,13 +34,14 @@ SPACES = {
 __all__ = ["SPACES", "SearchSpace", "build_space", "sample_plans", *(cls.__name__ for pair in SPACES.values() for cls in pair)]
 
 
-def build_space(kind: str, shape: ModelShape, config) -> SearchSpace:
+def build_space(kind: str, shape: ModelShape, config, sources: tuple[str, ...] = ()) -> SearchSpace:
+    """The space ``kind``; over several source models (``sources``), each slice also picks its model."""
     if kind not in SPACES:
         raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
     space_cls, _ = SPACES[kind]
     space = space_cls(shape, config)
     space.check_not_empty()
-    return space
+    return SourcedSpace(space, sources) if sources else space
 
 
 def sample_plans(space: SearchSpace, n: int, seed: int = 0) -> list[LayerPlan]:

@@ -53,7 +53,7 @@ def test_plan_tensors_puts_the_plan_where_the_layers_were():
 def test_gguf_order_and_size_bound_share_the_planner(base_gguf):
     header = read_gguf_header(base_gguf)
     plan = LayerPlan.parse("0-16,8-30")
-    order = merged_tensor_order(header, plan)
+    order = [(name, tensor) for name, _, tensor in merged_tensor_order({"": header}, plan)]
     assert order == plan_tensors(header.tensors, plan, GGUF_LAYERS)
     assert sum(1 for name, _ in order if name.startswith("blk.")) == 38 * sum(1 for t in header.tensors if t.name.startswith("blk.0."))
     data = sum(source.n_bytes for _, source in order)
