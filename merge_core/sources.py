@@ -122,3 +122,16 @@ def check_gguf_compatible(headers: Mapping[str, GGUFHeader]) -> None:
             {split[1]: t.dims for t in h.tensors if (split := names.split(t.name)) and split[0] == 0}
             for h in (reference, header)
         ))  # fmt: skip
+
+
+def check_sources(paths: Mapping[str, Path]) -> None:
+    """Several source models (GGUF files, or HF folders) checked to fit together from their headers,
+    before anything loads: a sweep refuses them at the start, not at its first trial."""
+    if len(paths) < 2:
+        return
+    if all(Path(path).is_dir() for path in paths.values()):
+        check_hf_compatible({name: HFCheckpoint.open(path) for name, path in paths.items()})
+    elif any(Path(path).is_dir() for path in paths.values()):
+        raise SelfMergeError(f"model.sources mixes GGUF files and HF folders ({dict(paths)}): give one kind")
+    else:
+        check_gguf_compatible({name: read_gguf_header(path) for name, path in paths.items()})

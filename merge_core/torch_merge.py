@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -141,16 +142,30 @@ def merged_config(config, plan: LayerPlan):
     return merged
 
 
-def merged_model(base: nn.Module, plan: LayerPlan) -> nn.Module:
-    """The self-merge of a loaded ``*ForCausalLM`` as a model sharing the base's weights."""
-    inner = base.model
-    plan.validate(len(inner.layers))
-    config = merged_config(base.config, plan)
-    new_inner = _shallow(inner)
+def merged_model(base: nn.Module | Mapping[str, nn.Module], plan: LayerPlan) -> nn.Module:
+    """The merge of a loaded ``*ForCausalLM`` (or, for a plan whose slices name their models, of a name
+    -> model map of fine-tunes of one base) as a model sharing their weights. Embeddings and config come
+    from the first slice's model, the final norm and an untied head from the last one's."""
+    models = base if isinstance(base, Mapping) else {"": base}
+    sources = plan.source_of_slices("")
+    missing = [name for name in dict.fromkeys(sources) if name not in models]
+    if missing:
+        raise SelfMergeError(f"plan {plan} names source {missing[0]!r}, which is not among {sorted(models)}")
+    for i, ((start, end), name) in enumerate(zip(plan.slices, sources), 1):
+        if end > len(models[name].model.layers):
+            of = f" of source {name!r}" if name else ""
+            raise SelfMergeError(f"slice {i} ({start}-{end}) ends past layer {len(models[name].model.layers)}{of}")
+    first, last = models[sources[0]], models[sources[-1]]
+    config = merged_config(first.config, plan)
+    new_inner = _shallow(first.model)
     new_inner.config = config
-    new_inner.layers = nn.ModuleList(_layer_at(inner.layers[i], position) for position, i in enumerate(plan.layer_indices))
-    merged = _shallow(base)
+    new_inner.layers = nn.ModuleList(
+        _layer_at(models[name or ""].model.layers[layer], position) for position, (name, layer) in enumerate(plan.layer_sources)
+    )  # fmt: skip
+    new_inner.norm = last.model.norm
+    merged = _shallow(first)
     merged.config = config
     merged.model = new_inner
+    if not getattr(first.config, "tie_word_embeddings", False):  # a tied head is the first model's embeddings
+        merged.lm_head = last.lm_head
     return merged
-

@@ -16,6 +16,7 @@ from merge_core.gguf_merge import merge_gguf, merged_size_bound
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import is_gguf, resolve_model_source
 from merge_core.model_shape import ModelShape
+from merge_core.sources import check_sources
 from sweep.config import BackendConfig
 
 log = logging.getLogger("selfmerge")
@@ -68,8 +69,9 @@ class LlamaCppBackend:
     def __post_init__(self) -> None:
         if isinstance(self.source, dict):
             if not all(map(is_gguf, self.source.values())):
-                raise SelfMergeError("model.sources must be GGUF files: convert HF sources first "
-                                     "(selfmerge merge FOLDER --plan 0-N --out FOLDER.gguf)")  # fmt: skip
+                raise SelfMergeError("model.sources on backend=llama_cpp must be GGUF files: convert HF sources first "
+                                     "(selfmerge merge FOLDER --plan 0-N --out FOLDER.gguf), or use backend=torch")  # fmt: skip
+            check_sources(self.source)
             self.base, self.merge_from = next(iter(self.source.values())), self.source
             return
         if is_gguf(self.source):
@@ -119,13 +121,18 @@ class TorchBackend:
     isolatable = False  # the loaded base (perhaps on a GPU) lives in this process
     writes_files = False
 
-    def __init__(self, source: Path, config: BackendConfig) -> None:
+    def __init__(self, source: Path | dict[str, Path], config: BackendConfig) -> None:
         from merge_core.torch_merge import load_causal_lm
 
         from evals.torch_model import compiled_layer_fn, run_layer
 
         self.source, self.config = source, config
-        self.base, self.tokenizer = load_causal_lm(source, config.dtype, config.device, config.load_in)
+        sources = source if isinstance(source, dict) else {"": source}
+        check_sources(sources)  # before loading anything
+        # every source loaded once, its layers shared by every plan; the first is the base
+        loaded = {name: load_causal_lm(path, config.dtype, config.device, config.load_in) for name, path in sources.items()}
+        self.models = {name: model for name, (model, _) in loaded.items()}
+        self.base, self.tokenizer = next(iter(loaded.values()))
         self.layer_fn = compiled_layer_fn() if config.compile else run_layer
 
     @property
@@ -138,7 +145,7 @@ class TorchBackend:
     def build(self, plan: LayerPlan, out: Optional[Path] = None) -> Any:
         from merge_core.torch_merge import merged_model
 
-        return merged_model(self.base, plan)
+        return merged_model(self.models if plan.sources else self.base, plan)
 
     def open_model(self, model, n_ctx: int, threads: Optional[int] = None, batch: int = 512):
         from evals.torch_model import TorchModel
@@ -163,8 +170,6 @@ def make_backend(model: str | dict[str, str], config: BackendConfig, work_dir: P
     if config.kind not in BACKENDS:
         raise SelfMergeError(f"unknown backend {config.kind!r}; choose one of {list(BACKENDS)}")
     if isinstance(model, dict):
-        if config.kind != "llama_cpp":
-            raise SelfMergeError(f"model.sources (several models) runs on backend=llama_cpp, not {config.kind}")
         sources = {name: resolve_model_source(path) for name, path in model.items()}
         return BACKENDS[config.kind](sources, config, work_dir)
     return BACKENDS[config.kind](resolve_model_source(model), config, work_dir)

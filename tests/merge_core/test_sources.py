@@ -19,7 +19,7 @@ from merge_core.mergekit_recipe import (
     recipe_from_mergekit_yaml,
 )
 from merge_core.safetensors_merge import merge_safetensors
-from merge_core.torch_merge import _layer_at, load_causal_lm
+from merge_core.torch_merge import _layer_at, load_causal_lm, merged_model
 from tiny_models import build_finetune, build_tiny
 
 PLAN = LayerPlan.parse("a:0-4,b:2-6")  # layers 2 and 3 of both models; embeddings from a, head from b
@@ -132,10 +132,14 @@ def test_safetensors_merge_takes_each_layer_from_its_folder(finetunes, tmp_path)
     )
     stack, tokenizer = _stack_in_transformers(finetunes)
     ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]])
+    models = {name: load_causal_lm(finetunes[name][0], "float32", "cpu")[0] for name in "ab"}
+    in_memory = merged_model(models, PLAN)  # the torch backend's: the sources' own layers, shared
+    owned = {p.data_ptr() for model in models.values() for p in model.parameters()}
+    assert {p.data_ptr() for p in in_memory.parameters()} <= owned
     with torch.no_grad():
-        assert torch.equal(
-            AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, stack(ids).logits
-        )
+        expected = stack(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, expected)
+        assert torch.equal(in_memory(ids).logits, expected)
 
 
 def _st_bytes(checkpoint, name):

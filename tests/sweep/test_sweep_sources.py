@@ -86,13 +86,34 @@ def test_sources_are_refused_where_they_cannot_run(requantized, wikitext_file, t
     base = fast_overrides("bad", wikitext_file, 1, tmp_path)
     with pytest.raises(SelfMergeError, match="model.sources.a:b is not a usable source name"):
         ModelConfig(sources={"a:b": "bundled"})  # a colon would end the name in the plan's text
-    with pytest.raises(
-        SelfMergeError, match="model.sources .several models. runs on backend=llama_cpp, not torch"
-    ):
-        Sweep(load_config(compose(base + ["+model.sources.a=bundled", "backend=torch"])))
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")  # an HF folder: not converted per source (yet)
-    with pytest.raises(SelfMergeError, match="model.sources must be GGUF files"):
+    with pytest.raises(SelfMergeError, match="model.sources on backend=llama_cpp must be GGUF files"):
         Sweep(
             load_config(compose(base + ["+model.sources.a=bundled", f"+model.sources.b={tmp_path / 'hf'}"]))
         )
+    with pytest.raises(SelfMergeError, match="model.sources mixes GGUF files and HF folders"):
+        Sweep(load_config(compose(base + ["+model.sources.a=bundled", f"+model.sources.b={tmp_path / 'hf'}",
+                                          "backend=torch"])))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_torch_sweep_over_two_fine_tunes_shares_their_layers(wikitext_file, tmp_path):
+    """backend=torch: both models loaded once, every plan built from their layers (no file, no copy)."""
+    from tiny_models import build_finetune, build_tiny
+
+    a = build_tiny("llama", tmp_path / "a", n_layers=8)
+    b = build_finetune(a, tmp_path / "b", seed=1)
+    small = ["space.first_size=[2,5]", "space.middle_size=[2,4]", "space.jump=[1,2]", "space.constraints.last_min=2",
+             "space.constraints.jump_min=1"]  # fmt: skip
+    overrides = fast_overrides("tt", wikitext_file, 3, tmp_path / "results") + [
+        f"+model.sources.a={a}", f"+model.sources.b={b}", "backend=torch", "sweep.seed=1", *small]
+    sweep = Sweep(load_config(compose(overrides)))
+    study = sweep.run()
+    shared = {p.data_ptr() for model in sweep.backend.models.values() for p in model.parameters()}
+    plans = [LayerPlan.parse(t.user_attrs["plan"]) for t in study.trials if t.values]
+    assert len(plans) >= 3 and all(plan.sources for plan in plans)
+    for plan in plans:
+        assert {p.data_ptr() for p in sweep.backend.build(plan).parameters()} <= shared
+    board = pd.read_csv(tmp_path / "results" / "tt" / "leaderboard.csv")
+    assert board["plan"].iloc[0] == "0-8" and board["plan"].iloc[1:].str.contains("a:|b:").all()
