@@ -57,47 +57,51 @@ class LlamaCppBackend:
     (``quant``) once into ``work_dir``; ``requantize`` merges the unquantized GGUF and quantizes
     each plan. Plain paths only: it is pickled into each trial's child process."""
 
-    source: Path | dict[str, Path]  # one model, or several GGUFs by name (model.sources)
+    source: Path | dict[str, Path]  # one model, or several by name (model.sources), each converted once
     config: BackendConfig
     work_dir: Path
     base: Path = field(init=False)  # the GGUF scored as the base (the first source of several)
     merge_from: Path | dict[str, Path] = field(init=False)  # the GGUF(s) whose blocks a plan re-indexes
+    requantize: bool = field(init=False)  # merge unquantized GGUFs, then quantize each plan
     isolatable = True  # trials may run in child processes
     writes_files = True
     open_model = staticmethod(LlamaCppModel)
 
     def __post_init__(self) -> None:
-        if isinstance(self.source, dict):
-            if not all(map(is_gguf, self.source.values())):
-                raise SelfMergeError("model.sources on backend=llama_cpp must be GGUF files: convert HF sources first "
-                                     "(selfmerge merge FOLDER --plan 0-N --out FOLDER.gguf), or use backend=torch")  # fmt: skip
-            check_sources(self.source)
-            self.base, self.merge_from = next(iter(self.source.values())), self.source
-            return
-        if is_gguf(self.source):
-            self.base = self.merge_from = self.source
-            return
+        sources = self.source if isinstance(self.source, dict) else {"": self.source}
+        check_sources(sources)  # several sources: before any conversion
+        files = {name: self._gguf(path, f"source-{name}" if name else "base") for name, path in sources.items()}
+        self.base = next(iter(files.values()))[0]
+        merge_from = {name: pair[1] for name, pair in files.items()}
+        self.merge_from = merge_from if isinstance(self.source, dict) else merge_from[""]
+        self.requantize = any(scored != unquantized for scored, unquantized in files.values())
+
+    def _gguf(self, source: Path, stem: str) -> tuple[Path, Path]:
+        """(the GGUF scored, the GGUF merged) of one model: a GGUF itself; an HF folder converted and
+        quantized once into ``work_dir/base`` (kept: a resumed sweep or a second worker reuses them)."""
+        if is_gguf(source):
+            return source, source
         from merge_core.gguf_convert import convert_hf_to_gguf
         from merge_core.gguf_quantize import check_quant_type, quantize_gguf
 
         quant = check_quant_type(self.config.quant)
         folder = self.work_dir / "base"
-        unquantized = folder / f"base.{self.config.convert_type}.gguf"
-        self.base = folder / f"base.{quant}.gguf"
-        if not unquantized.is_file():  # kept: a resumed sweep or a second worker reuses it
-            log.info("converting %s to %s", self.source, unquantized)
-            convert_hf_to_gguf(self.source, unquantized, self.config.convert_type, progress=True)
-        if not self.base.is_file():
-            log.info("quantizing the base to %s", quant)
-            quantize_gguf(unquantized, self.base, quant)
-        self.merge_from = self.base if self.config.quant_mode == "reuse" else unquantized
+        unquantized = folder / f"{stem}.{self.config.convert_type}.gguf"
+        scored = folder / f"{stem}.{quant}.gguf"
+        if not unquantized.is_file():
+            log.info("converting %s to %s", source, unquantized)
+            convert_hf_to_gguf(source, unquantized, self.config.convert_type, progress=True)
+        if not scored.is_file():
+            log.info("quantizing %s to %s", unquantized.name, quant)
+            quantize_gguf(unquantized, scored, quant)
+        return scored, scored if self.config.quant_mode == "reuse" else unquantized
 
     @property
     def shape(self) -> ModelShape:
         return ModelShape.from_gguf_header(_base_header(self.base))
 
     def build(self, plan: LayerPlan, out: Path) -> Path:
-        if self.merge_from == self.base or isinstance(self.merge_from, dict):
+        if not self.requantize:
             return merge_gguf(self.merge_from, plan, out)
         from merge_core.gguf_quantize import quantize_gguf
 

@@ -6,8 +6,10 @@
 | growing | start_size, growth, jump |
 | free | n_slices, size_i, jump_i (define-by-run) |
 | repeat_block | block_start, block_size |
+| interleave | slice_size, overlap, first_source, last_source |
 
-Over several source models (``model.sources``) each space also draws ``source_i`` per slice.
+Over several source models (``model.sources``) each space also draws ``source_i`` per slice, except
+``interleave``, which alternates them itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from merge_core.model_shape import ModelShape
 from sweep.spaces.base import SearchSpace
 from sweep.spaces.free import FreeSpace, FreeSpaceConfig
 from sweep.spaces.growing import GrowingSpace, GrowingSpaceConfig
+from sweep.spaces.interleave import InterleaveSpace, InterleaveSpaceConfig
 from sweep.spaces.repeat_block import RepeatBlockSpace, RepeatBlockSpaceConfig
 from sweep.spaces.sources import SourcedSpace
 from sweep.spaces.uniform import UniformSpace, UniformSpaceConfig
@@ -29,6 +32,7 @@ SPACES = {
     "growing": (GrowingSpace, GrowingSpaceConfig),
     "free": (FreeSpace, FreeSpaceConfig),
     "repeat_block": (RepeatBlockSpace, RepeatBlockSpaceConfig),
+    "interleave": (InterleaveSpace, InterleaveSpaceConfig),
 }
 
 __all__ = ["SPACES", "SearchSpace", "build_space", "sample_plans", *(cls.__name__ for pair in SPACES.values() for cls in pair)]
@@ -39,9 +43,10 @@ def build_space(kind: str, shape: ModelShape, config, sources: tuple[str, ...] =
     if kind not in SPACES:
         raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
     space_cls, _ = SPACES[kind]
-    space = space_cls(shape, config)
+    picks_sources = getattr(space_cls, "picks_sources", False)
+    space = space_cls(shape, config, sources) if picks_sources else space_cls(shape, config)
     space.check_not_empty()
-    return SourcedSpace(space, sources) if sources else space
+    return SourcedSpace(space, sources) if sources and not picks_sources else space
 
 
 def sample_plans(space: SearchSpace, n: int, seed: int = 0) -> list[LayerPlan]:

@@ -129,8 +129,24 @@ def test_space_examples_of_the_docs():
 
 def test_default_space_sizes_on_smollm2():
     counts = {kind: build_space(kind, SMOLLM2, SPACES[kind][1]()).count_plans() for kind in SPACES}
-    assert counts["uniform"] == (711, True)
+    assert counts.pop("uniform") == (711, True) and counts.pop("interleave") == (8, True)  # one size, one overlap
     assert all(exact and 50 <= count <= 1_000_000 for count, exact in counts.values()), counts
+
+
+def test_spaces_over_two_sources():
+    """Each space draws a model per slice (9,616 plans of the default space over two), except
+    interleave, which alternates them and picks the first and the last slice's model."""
+    uniform = build_space("uniform", SMOLLM2, UniformSpaceConfig(), ("a", "b"))
+    assert uniform.count_plans() == (9616, True)
+    plans = sample_plans(uniform, 30, seed=0)
+    assert all(len(p.sources) == len(p.slices) and set(p.sources) <= {"a", "b"} for p in plans)
+    assert any(len(p.source_names) == 2 for p in plans) and any(len(p.source_names) == 1 for p in plans)
+    interleave = build_space("interleave", SMOLLM2, SPACES["interleave"][1](), ("a", "b"))
+    assert interleave.count_plans() == (32, True)
+    params = {"slice_size": 10, "overlap": 4, "first_source": 1, "last_source": 0}
+    assert str(interleave.plan_from_params(params)) == "b:0-10,a:6-16,b:12-22,a:18-28,a:20-30"
+    assert all(p.sources[:-1] == tuple("ab" * 9)[p.sources[0] == "b" :][: len(p.slices) - 1]
+               for p in sample_plans(interleave, 20, seed=1))  # fmt: skip
 
 
 def test_tpe_cmaes_random_and_nsga2_only_ever_see_valid_plans():

@@ -87,19 +87,17 @@ def test_sources_are_refused_where_they_cannot_run(requantized, wikitext_file, t
     with pytest.raises(SelfMergeError, match="model.sources.a:b is not a usable source name"):
         ModelConfig(sources={"a:b": "bundled"})  # a colon would end the name in the plan's text
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")  # an HF folder: not converted per source (yet)
-    with pytest.raises(SelfMergeError, match="model.sources on backend=llama_cpp must be GGUF files"):
-        Sweep(
-            load_config(compose(base + ["+model.sources.a=bundled", f"+model.sources.b={tmp_path / 'hf'}"]))
-        )
+    (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(SelfMergeError, match="model.sources mixes GGUF files and HF folders"):
         Sweep(load_config(compose(base + ["+model.sources.a=bundled", f"+model.sources.b={tmp_path / 'hf'}",
                                           "backend=torch"])))  # fmt: skip
 
 
 @pytest.mark.slow
-def test_a_torch_sweep_over_two_fine_tunes_shares_their_layers(wikitext_file, tmp_path):
-    """backend=torch: both models loaded once, every plan built from their layers (no file, no copy)."""
+@pytest.mark.parametrize("backend", ["torch", "llama_cpp"])
+def test_a_sweep_over_two_hf_fine_tunes(backend, wikitext_file, tmp_path):
+    """backend=torch: both models loaded once, every plan built from their layers (no file, no copy);
+    backend=llama_cpp: each converted and quantized once, every plan merged from those two GGUFs."""
     from tiny_models import build_finetune, build_tiny
 
     a = build_tiny("llama", tmp_path / "a", n_layers=8)
@@ -107,13 +105,35 @@ def test_a_torch_sweep_over_two_fine_tunes_shares_their_layers(wikitext_file, tm
     small = ["space.first_size=[2,5]", "space.middle_size=[2,4]", "space.jump=[1,2]", "space.constraints.last_min=2",
              "space.constraints.jump_min=1"]  # fmt: skip
     overrides = fast_overrides("tt", wikitext_file, 3, tmp_path / "results") + [
-        f"+model.sources.a={a}", f"+model.sources.b={b}", "backend=torch", "sweep.seed=1", *small]
+        f"+model.sources.a={a}", f"+model.sources.b={b}", f"backend={backend}", "sweep.seed=1", *small]
     sweep = Sweep(load_config(compose(overrides)))
     study = sweep.run()
-    shared = {p.data_ptr() for model in sweep.backend.models.values() for p in model.parameters()}
     plans = [LayerPlan.parse(t.user_attrs["plan"]) for t in study.trials if t.values]
     assert len(plans) >= 3 and all(plan.sources for plan in plans)
-    for plan in plans:
-        assert {p.data_ptr() for p in sweep.backend.build(plan).parameters()} <= shared
+    if backend == "torch":
+        shared = {p.data_ptr() for model in sweep.backend.models.values() for p in model.parameters()}
+        for plan in plans:
+            assert {p.data_ptr() for p in sweep.backend.build(plan).parameters()} <= shared
+    else:
+        converted = tmp_path / "results" / "tt" / "base"
+        assert sweep.backend.merge_from == {name: converted / f"source-{name}.Q8_0.gguf" for name in "ab"}
+        assert all(path.is_file() for path in sweep.backend.merge_from.values())
     board = pd.read_csv(tmp_path / "results" / "tt" / "leaderboard.csv")
     assert board["plan"].iloc[0] == "0-8" and board["plan"].iloc[1:].str.contains("a:|b:").all()
+
+
+@pytest.mark.slow
+def test_an_interleave_sweep_alternates_the_sources(wikitext_file, tmp_path):
+    from tiny_models import build_finetune, build_tiny
+
+    a = build_tiny("llama", tmp_path / "a", n_layers=8)
+    b = build_finetune(a, tmp_path / "b", seed=1)
+    space = ["space=interleave", "space.slice_size=[3,5]", "space.overlap=[1,2]", "space.constraints.last_min=2",
+             "space.constraints.jump_min=1"]  # fmt: skip
+    overrides = fast_overrides("il", wikitext_file, 3, tmp_path / "results") + [
+        f"+model.sources.a={a}", f"+model.sources.b={b}", "backend=torch", *space]
+    study = Sweep(load_config(compose(overrides))).run()
+    plans = [LayerPlan.parse(t.user_attrs["plan"]) for t in study.trials if t.values]
+    assert len({str(p) for p in plans}) == 3
+    for plan in plans:  # alternating up to the last slice, whose model is a parameter of its own
+        assert all(x != y for x, y in zip(plan.sources[:-2], plan.sources[1:-1])) and len(plan.sources) >= 2
