@@ -64,7 +64,8 @@ def _wait(procs, timeout=240):
 
 def test_three_workers_share_one_study(storage_url, tmp_path):
     evaluations = tmp_path / "evaluations"
-    _wait(_workers(storage_url, tmp_path, "shared", evaluations, 3))
+    # 1 s an evaluation: one worker alone needs 12 s for the study, longer than the others take to start
+    _wait(_workers(storage_url, tmp_path, "shared", evaluations, 3, delay=1.0))
     study = load_study(storage_url, "shared")
     trials = study.get_trials()
     assert len({t.number for t in trials}) == len(trials)
