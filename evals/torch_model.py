@@ -76,6 +76,8 @@ class TorchModel:
         if window and getattr(model.config, "use_sliding_window", True) and n_ctx > window:
             raise SelfMergeError(f"n_ctx={n_ctx} exceeds the model's sliding window of {window}: use n_ctx <= {window}")
         self.device = next(model.parameters()).device
+        # Gemma 3's rotary embedding takes the layer kind (sliding/global: RoPE bases 10k and 1M)
+        self._rotary_per_kind = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
         self._cache = None  # KV cache of next_token_logprobs, and the tokens it holds
         self._cached: list[int] = []
 
@@ -101,7 +103,7 @@ class TorchModel:
         hidden = inner.embed_tokens(ids)  # Gemma's embedding module scales by sqrt(hidden) itself
         positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
         kinds = getattr(config, "layer_types", None) or [None] * len(inner.layers)
-        if "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters:
+        if self._rotary_per_kind:
             by_kind = {kind: inner.rotary_emb(hidden, positions, kind) for kind in set(kinds)}
         else:
             by_kind = dict.fromkeys(set(kinds), inner.rotary_emb(hidden, position_ids=positions))

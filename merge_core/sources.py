@@ -41,15 +41,21 @@ def _open_sources(
         return {"": open_one(source)}
     if not plan.sources:
         raise SelfMergeError(f"plan {plan} names no source, but several models were given: name each slice's")
-    missing = [name for name in plan.source_names if name not in source]
-    if missing:
-        raise SelfMergeError(f"plan {plan} names source {missing[0]!r}, which is not among {sorted(source)}")
+    check_named(plan, source)
     opened = {name: open_one(source[name]) for name in plan.source_names}
     check(opened)
     return opened
 
 
-def _check_slices(plan: LayerPlan, n_layers: Mapping[str, int]) -> None:
+def check_named(plan: LayerPlan, sources: Mapping[str, Any]) -> None:
+    """Every source the plan names is among ``sources``."""
+    missing = [name for name in plan.source_names if name not in sources]
+    if missing:
+        raise SelfMergeError(f"plan {plan} names source {missing[0]!r}, which is not among {sorted(sources)}")
+
+
+def check_slices(plan: LayerPlan, n_layers: Mapping[str, int]) -> None:
+    """Every slice lies inside its source (``n_layers`` by source name, "" for a plan of one model)."""
     for i, ((start, end), name) in enumerate(zip(plan.slices, plan.source_of_slices("")), 1):
         if end > n_layers[name]:
             of = f" of source {name!r}" if name else ""
@@ -60,14 +66,14 @@ def gguf_sources(source: str | Path | Mapping[str, str | Path], plan: LayerPlan)
     """The GGUF headers a plan reads, by source name ("" for a plan of one model), checked to fit
     together and to hold every slice. ``source``: one GGUF for a plan without names, else name -> file."""
     headers = _open_sources(source, plan, read_gguf_header, check_gguf_compatible)
-    _check_slices(plan, {name: header.block_count for name, header in headers.items()})
+    check_slices(plan, {name: header.block_count for name, header in headers.items()})
     return headers
 
 
 def hf_sources(source: str | Path | Mapping[str, str | Path], plan: LayerPlan) -> dict[str, HFCheckpoint]:
     """The same for Hugging Face folders: configs and safetensors headers, no weight loaded."""
     checkpoints = _open_sources(source, plan, HFCheckpoint.open, check_hf_compatible)
-    _check_slices(plan, {name: checkpoint.n_layers for name, checkpoint in checkpoints.items()})
+    check_slices(plan, {name: checkpoint.n_layers for name, checkpoint in checkpoints.items()})
     return checkpoints
 
 

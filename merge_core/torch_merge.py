@@ -20,6 +20,7 @@ from merge_core import architectures
 from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_shape import LOAD_IN, ModelShape
+from merge_core.sources import check_named, check_slices
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -148,13 +149,8 @@ def merged_model(base: nn.Module | Mapping[str, nn.Module], plan: LayerPlan) -> 
     from the first slice's model, the final norm and an untied head from the last one's."""
     models = base if isinstance(base, Mapping) else {"": base}
     sources = plan.source_of_slices("")
-    missing = [name for name in dict.fromkeys(sources) if name not in models]
-    if missing:
-        raise SelfMergeError(f"plan {plan} names source {missing[0]!r}, which is not among {sorted(models)}")
-    for i, ((start, end), name) in enumerate(zip(plan.slices, sources), 1):
-        if end > len(models[name].model.layers):
-            of = f" of source {name!r}" if name else ""
-            raise SelfMergeError(f"slice {i} ({start}-{end}) ends past layer {len(models[name].model.layers)}{of}")
+    check_named(plan, models)
+    check_slices(plan, {name: len(models[name].model.layers) for name in set(sources)})
     first, last = models[sources[0]], models[sources[-1]]
     config = merged_config(first.config, plan)
     new_inner = _shallow(first.model)
