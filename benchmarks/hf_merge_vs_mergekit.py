@@ -4,7 +4,9 @@
 
 The model is the bundled SmolLM2 written out as an HF folder (dequantized, float32, sharded at
 --shard). Plans that name sources (``a:0-16,b:8-30``) are frankenmerges of several "fine-tunes":
-``a`` is that folder, ``b`` and ``c`` copies of it with every weight nudged by seeded noise. Each tool runs in its own process; wall time and peak RSS of that process are measured,
+``a`` is that folder, ``b`` and ``c`` copies of it with every weight nudged by seeded noise; a
+suffix ``@c`` takes every tensor outside the layers from c (model.base, ``--base c``). Each tool
+runs in its own process; wall time and peak RSS of that process are measured,
 then every tensor of the two outputs is compared (names, dtypes, shapes, bytes). mergekit is not a
 dependency: install it in a separate virtualenv (``pip install torch==2.13.0 mergekit``).
 Prints a table and writes results/benchmarks/hf_merge_vs_mergekit.json.
@@ -68,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", required=True, help="the mergekit-yaml executable (in its own virtualenv)")
     parser.add_argument("--plans", nargs="+", default=["0-16,8-30", "0-10,6-16,12-22,18-30", "a:0-16,b:8-30",
-                                                        "b:0-20,c:10-30", "a:0-10,b:6-16,c:12-22,a:18-30"])  # fmt: skip
+                                                        "b:0-20,c:10-30", "a:0-10,b:6-16,c:12-22,a:18-30",
+                                                        "a:0-16,b:8-30@c"])  # fmt: skip
     parser.add_argument("--shard", default="120MB", help="shard size of the source and of both outputs")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -87,13 +90,16 @@ def main() -> None:
         sources = {"a": source, **{name: build_finetune(source, tmp / name, seed) for name, seed in (("b", 1), ("c", 2))}}
         largest_shard = max(p.stat().st_size for p in source.glob("*.safetensors"))
         for text in args.plans:
-            plan = LayerPlan.parse(text)
-            used = {name: str(sources[name]) for name in plan.source_names}
+            plan_text, _, base = text.partition("@")
+            plan = LayerPlan.parse(plan_text)
+            used = {name: str(sources[name]) for name in plan.source_names + ((base,) if base else ())}
             recipe = tmp / "recipe.yml"
-            recipe.write_text(plan_to_mergekit_yaml(plan, used or str(source), dtype="float32"))
+            recipe.write_text(plan_to_mergekit_yaml(plan, used or str(source), "float32", base or None))
             ours, theirs = tmp / f"ours-{len(rows)}", tmp / f"mergekit-{len(rows)}"
             models = [f"{name}={path}" for name, path in used.items()] or [str(source)]
-            selfmerge_cmd = [sys.executable, "-m", "sweep.cli", "merge", *models, "--plan", text, "--out", str(ours), "--out-shard-size", str(shard_bytes)]
+            selfmerge_cmd = [sys.executable, "-m", "sweep.cli", "merge", *models, "--plan", plan_text,
+                             "--out", str(ours), "--out-shard-size", str(shard_bytes),
+                             *(["--base", base] if base else [])]  # fmt: skip
             ours_s, ours_mb = measured(selfmerge_cmd, ours, args.repeats)
             theirs_s, theirs_mb = measured([args.mergekit, str(recipe), str(theirs), "--out-shard-size", f"{shard_bytes // 10**6}M", "--copy-tokenizer"], theirs, args.repeats)
             problems = differences(ours, theirs)

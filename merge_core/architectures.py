@@ -126,17 +126,17 @@ def plan_tensors(tensors: Sequence[T], plan: LayerPlan, names: LayerNames) -> li
     return [(name, tensor) for name, _, tensor in plan_source_tensors({"": tensors}, plan, names, "")]
 
 
-def plan_source_tensors(tensors: Mapping[str, Sequence[T]], plan: LayerPlan, names: LayerNames,
-                        default: str) -> list[tuple[str, str, T]]:  # fmt: skip
+def plan_source_tensors(tensors: Mapping[str, Sequence[T]], plan: LayerPlan, names: LayerNames, default: str,
+                        base_source: Optional[str] = None) -> list[tuple[str, str, T]]:  # fmt: skip
     """The one re-order planner: (output name, source, source tensor) for ``plan`` over the models in
     ``tensors`` (by source name; ``default`` for a plan without names). Tensors outside the layers stay
-    in place, in the first slice's model's order: those ``names.after_layers`` lists from the last
-    slice's model, the rest (embeddings) from the first. The plan's layers are written where the
-    layers began, each with its tensors in source order; a layer used twice appears twice."""
-    sources = plan.source_of_slices(default)
-    first, last = sources[0], sources[-1]
+    in place, in their model's order (``plan.end_sources``): those ``names.after_layers`` lists from
+    the last slice's model, the rest (embeddings) from the first; all from ``base_source`` if given.
+    The plan's layers are written where the layers began, each with its tensors in source order; a
+    layer used twice appears twice."""
+    first, last = plan.end_sources(default, base_source)
     layers: dict[tuple[str, int], list[tuple[str, T]]] = {}
-    for source in set(sources):
+    for source in set(plan.source_of_slices(default)):
         for tensor in tensors[source]:
             split = names.split(tensor.name)
             if split is not None:

@@ -69,16 +69,17 @@ def source_sliding_layers(header: GGUFHeader) -> list[bool] | None:
     return sliding_layers(header.block_count, int(pattern.value) if pattern is not None else arch.swa_period)
 
 
-def merged_metadata(headers: Mapping[str, GGUFHeader], plan: LayerPlan) -> list[bytes]:
-    """The merge's metadata: the first slice's model's entries (its tokenizer and chat template go with
-    its embeddings), ``block_count`` and per-layer arrays following the plan, each output layer's value
-    from its own source. ``headers`` by source name ("" for a plan of one model)."""
-    first = headers[plan.source_of_slices("")[0]]
+def merged_metadata(headers: Mapping[str, GGUFHeader], plan: LayerPlan,
+                    base_source: str | None = None) -> list[bytes]:  # fmt: skip
+    """The merge's metadata: the entries of the embeddings' model (``plan.end_sources``: its tokenizer
+    and chat template go with its embeddings), ``block_count`` and per-layer arrays following the plan,
+    each output layer's value from its own source. ``headers`` by source name ("" for one model)."""
+    first = headers[plan.end_sources("", base_source)[0]]
     arch = first.architecture
     block_count_key = f"{arch}.block_count"
     pattern_key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)
     positions = plan.layer_sources
-    sliding = {name: source_sliding_layers(header) for name, header in headers.items()}
+    sliding = {name: source_sliding_layers(headers[name]) for name in {name for name, _ in positions}}
     derived = all(flags is not None for flags in sliding.values())
     entries = []
     for key, entry in first.metadata.items():
@@ -102,10 +103,11 @@ def merged_metadata(headers: Mapping[str, GGUFHeader], plan: LayerPlan) -> list[
     return entries
 
 
-def merged_tensor_order(headers: Mapping[str, GGUFHeader], plan: LayerPlan) -> list[tuple[str, str, TensorInfo]]:
+def merged_tensor_order(headers: Mapping[str, GGUFHeader], plan: LayerPlan,
+                        base_source: str | None = None) -> list[tuple[str, str, TensorInfo]]:  # fmt: skip
     """(output name, source, tensor): outside the layers in place, the plan's blocks where blk.* began."""
     names = gguf_layer_names(next(iter(headers.values())).architecture)
-    return plan_source_tensors({name: h.tensors for name, h in headers.items()}, plan, names, "")
+    return plan_source_tensors({name: h.tensors for name, h in headers.items()}, plan, names, "", base_source)
 
 
 def merged_size_bound(header: GGUFHeader, plan: LayerPlan) -> int:
@@ -116,23 +118,25 @@ def merged_size_bound(header: GGUFHeader, plan: LayerPlan) -> int:
     return header.data_start + 256 * extra_tensors + 8 * plan.n_layers * len(header.metadata) + header.alignment + data
 
 
-def merge_gguf(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, out_path: str | Path) -> Path:
+def merge_gguf(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, out_path: str | Path,
+               base_source: str | None = None) -> Path:  # fmt: skip
     """Write the merge of ``source`` (a GGUF; or, for a plan whose slices name their models, a map of
-    name -> GGUF) following ``plan`` to ``out_path``; return the path.
+    name -> GGUF) following ``plan`` to ``out_path``; return the path. ``base_source`` (model.base)
+    names the source of every tensor and entry outside the layers; else the plan's ends give them.
 
     The file is written next to its destination under a temporary name and renamed at the end,
     so a crash never leaves a half-written model under the final name.
     """
-    headers = gguf_sources(source, plan)
+    headers = gguf_sources(source, plan, base_source)
     out_path = Path(out_path)
     for header in headers.values():
         if out_path.resolve() == header.path.resolve():
             raise SelfMergeError(f"output {out_path} would overwrite the base model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    order = merged_tensor_order(headers, plan)
-    metadata = merged_metadata(headers, plan)
-    alignment = headers[plan.source_of_slices("")[0]].alignment
+    order = merged_tensor_order(headers, plan, base_source)
+    metadata = merged_metadata(headers, plan, base_source)
+    alignment = headers[plan.end_sources("", base_source)[0]].alignment
 
     out = bytearray(GGUF_MAGIC + struct.pack("<IQQ", 3, len(order), len(metadata)))
     for raw in metadata:

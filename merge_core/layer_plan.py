@@ -67,6 +67,16 @@ class LayerPlan:
         """Each slice's source: its name, or ``default`` (the base) in a plan without names."""
         return self.sources or (default,) * len(self.slices)
 
+    def end_sources(self, default: str, base_source: str | None = None) -> tuple[str, str]:
+        """The models of the tensors outside the layers: (before them: embeddings, with the tokenizer,
+        chat template and metadata; after them: final norm and output head). mergekit's passthrough
+        takes them from the first and the last slice's model; ``base_source`` (model.base) names one
+        model for both."""
+        if base_source:
+            return base_source, base_source
+        sources = self.source_of_slices(default)
+        return sources[0], sources[-1]
+
     @property
     def source_names(self) -> tuple[str, ...]:
         """The sources a plan names, in order of first use (empty for a single-base plan)."""

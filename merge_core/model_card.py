@@ -36,6 +36,7 @@ class CardFacts:
     scored_on: Optional[str] = None  # what the scores mean: text, windows, backend, quantization
     reproduce: tuple[str, ...] = ()  # commands that make the same file again
     sources: tuple[tuple[str, str, Optional[str]], ...] = ()  # a plan over several models: (name, model, licence)
+    base_source: Optional[str] = None  # model.base: the source of every tensor outside the layers
 
 
 def base_licence(source: Path) -> Optional[str]:
@@ -89,17 +90,21 @@ def model_card(facts: CardFacts) -> str:
     if facts.sources:
         lines += ["", "## Sources", "", "| name | model | licence |", "| --- | --- | --- |"]
         lines += [f"| {name} | `{model}` | {licence or '-'} |" for name, model, licence in facts.sources]
+        first, last = plan.end_sources("", facts.base_source)
+        lines += ["", f"Embeddings, tokenizer and chat template from `{first}`; "
+                  f"final norm and output head from `{last}`."]  # fmt: skip
     lines += ["", "## Layers", "", "| slice | base layers | output layers |", "| --- | --- | --- |"]
     out = 0
     for i, ((start, end), name) in enumerate(zip(plan.slices, plan.source_of_slices("")), 1):
         lines.append(f"| {i} | {name + ':' if name else ''}{start}-{end - 1} | {out}-{out + end - start - 1} |")
         out += end - start
     lines += ["", "## mergekit recipe", "", "The same merge as a mergekit passthrough recipe:", "", "```yaml",
-              plan_to_mergekit_yaml(plan, models).rstrip(), "```"]  # fmt: skip
+              plan_to_mergekit_yaml(plan, models, base_source=facts.base_source).rstrip(), "```"]  # fmt: skip
     if facts.reproduce:
         lines += ["", "## Reproduce", "", "```bash", *facts.reproduce, "```"]
     if facts.sources:
-        lines += ["", "## Licence", "", "Each source model's licence (the table above) applies to its layers in this merge."]
+        lines += ["", "## Licence", "",
+                  "Each source model's licence (the table above) applies to the tensors taken from it."]  # fmt: skip
     elif facts.licence:
         lines += ["", "## Licence", "", f"The base model's licence, `{facts.licence}`, applies to this merge of its weights."]
     return "\n".join(lines) + "\n"

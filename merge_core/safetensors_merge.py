@@ -34,12 +34,14 @@ SIDE_FILES = (  # copied as they are: tokenizer, chat template, generation defau
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def merged_tensors(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan) -> list[tuple[str, SafetensorsEntry]]:
+def merged_tensors(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan,
+                   base_source: str | None = None) -> list[tuple[str, SafetensorsEntry]]:  # fmt: skip
     """(output name, source tensor): other tensors in place, the plan's layers where layers began, each
     from its slice's checkpoint (``checkpoints`` by source name, "" for a plan of one model)."""
     names = next(iter(checkpoints.values())).layer_names
     tensors = {name: list(checkpoint.tensors.values()) for name, checkpoint in checkpoints.items()}
-    return [(out_name, tensor) for out_name, _, tensor in plan_source_tensors(tensors, plan, names, "")]
+    order = plan_source_tensors(tensors, plan, names, "", base_source)
+    return [(out_name, tensor) for out_name, _, tensor in order]
 
 
 def shards(order: list[tuple[str, SafetensorsEntry]], shard_bytes: int) -> list[list[tuple[str, SafetensorsEntry]]]:
@@ -81,15 +83,16 @@ def write_safetensors(path: Path, tensors: list[tuple[str, SafetensorsEntry]], p
 
 def merge_safetensors(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, out_dir: str | Path,
                       shard_bytes: int = DEFAULT_SHARD_BYTES, model_name: str | Mapping[str, str] | None = None,
-                      progress: bool = False) -> Path:  # fmt: skip
+                      progress: bool = False, base_source: str | None = None) -> Path:  # fmt: skip
     """Write the merge of the HF folder ``source`` (or, for a plan whose slices name their models, of
-    a name -> folder map) to the new folder ``out_dir``; return it.
+    a name -> folder map) to the new folder ``out_dir``; return it. ``base_source`` (model.base) names
+    the source of every tensor outside the layers, and of config, tokenizer and chat template.
 
     Written under ``<out_dir>.partial`` and renamed at the end: a crash never leaves a half model
     under the final name. ``model_name`` is the model (or name -> model) the mergekit recipe names
-    (default: the folders). Config, tokenizer and chat template come with the first slice's model.
+    (default: the folders). Else config, tokenizer and chat template come with the first slice's model.
     """
-    checkpoints = hf_sources(source, plan)
+    checkpoints = hf_sources(source, plan, base_source)
     if shard_bytes <= 0:
         raise SelfMergeError(f"out shard size {shard_bytes} is out of range: must be > 0 bytes")
     out_dir = Path(out_dir)
@@ -99,14 +102,15 @@ def merge_safetensors(source: str | Path | Mapping[str, str | Path], plan: Layer
         folders = {name: str(checkpoint.folder) for name, checkpoint in checkpoints.items()}
         model_name = folders[""] if "" in folders else folders
     with written_as_partial(out_dir, folder=True) as partial:
-        _write_folder(checkpoints, plan, partial, shard_bytes, model_name, progress)
+        _write_folder(checkpoints, plan, partial, shard_bytes, model_name, progress, base_source)
     return out_dir
 
 
 def _write_folder(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan, partial: Path, shard_bytes: int,
-                  model_name: str | Mapping[str, str], progress: bool) -> None:  # fmt: skip
-    order = merged_tensors(checkpoints, plan)
-    first = checkpoints[plan.source_of_slices("")[0]]
+                  model_name: str | Mapping[str, str], progress: bool,
+                  base_source: str | None) -> None:  # fmt: skip
+    order = merged_tensors(checkpoints, plan, base_source)
+    first = checkpoints[plan.end_sources("", base_source)[0]]
     groups = shards(order, shard_bytes)
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     total = sum(source.n_bytes for group in groups for _, source in group)
@@ -123,4 +127,4 @@ def _write_folder(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan, part
             shutil.copy2(first.folder / name, partial / name)
     dtypes = {entry.dtype for _, entry in order}
     dtype = MERGEKIT_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None  # mixed: mergekit must not cast
-    (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name, dtype))
+    (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name, dtype, base_source))

@@ -28,30 +28,37 @@ HF_SHAPE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_siz
                  "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")  # fmt: skip
 
 
-def _open_sources(
-    source, plan: LayerPlan, open_one: Callable[[Any], H], check: Callable[[dict[str, H]], None]
-) -> dict[str, H]:
+def _open_sources(source, plan: LayerPlan, open_one: Callable[[Any], H], check: Callable[[dict[str, H]], None],
+                  base_source: str | None = None) -> dict[str, H]:  # fmt: skip
     """``source`` opened for ``plan``: {"": it} for a plan without names, else every source the plan
-    names, checked to fit together (``check``)."""
+    names and ``base_source`` (model.base), checked to fit together (``check``)."""
     if not isinstance(source, Mapping):
         if plan.sources:
             raise SelfMergeError(
                 f"plan {plan} takes slices from {', '.join(plan.source_names)}: give a file for each"
             )
+        if base_source:
+            raise SelfMergeError(f"base source {base_source!r} names a model, but one model was given")
         return {"": open_one(source)}
     if not plan.sources:
         raise SelfMergeError(f"plan {plan} names no source, but several models were given: name each slice's")
-    check_named(plan, source)
-    opened = {name: open_one(source[name]) for name in plan.source_names}
+    check_named(plan, source, base_source)
+    opened = {name: open_one(source[name]) for name in used_sources(plan, base_source)}
     check(opened)
     return opened
 
 
-def check_named(plan: LayerPlan, sources: Mapping[str, Any]) -> None:
-    """Every source the plan names is among ``sources``."""
-    missing = [name for name in plan.source_names if name not in sources]
+def used_sources(plan: LayerPlan, base_source: str | None = None) -> tuple[str, ...]:
+    """The sources a merge reads: those the plan names, then ``base_source`` if it is another."""
+    return tuple(dict.fromkeys(plan.source_names + ((base_source,) if base_source else ())))
+
+
+def check_named(plan: LayerPlan, sources: Mapping[str, Any], base_source: str | None = None) -> None:
+    """Every source the plan names, and ``base_source``, is among ``sources``."""
+    missing = [name for name in used_sources(plan, base_source) if name not in sources]
     if missing:
-        raise SelfMergeError(f"plan {plan} names source {missing[0]!r}, which is not among {sorted(sources)}")
+        owner = f"plan {plan} names source" if missing[0] in plan.sources else "base source"
+        raise SelfMergeError(f"{owner} {missing[0]!r}, which is not among {sorted(sources)}")
 
 
 def check_slices(plan: LayerPlan, n_layers: Mapping[str, int]) -> None:
@@ -62,17 +69,20 @@ def check_slices(plan: LayerPlan, n_layers: Mapping[str, int]) -> None:
             raise SelfMergeError(f"slice {i} ({start}-{end}) ends past layer {n_layers[name]}{of}")
 
 
-def gguf_sources(source: str | Path | Mapping[str, str | Path], plan: LayerPlan) -> dict[str, GGUFHeader]:
+def gguf_sources(source: str | Path | Mapping[str, str | Path], plan: LayerPlan,
+                 base_source: str | None = None) -> dict[str, GGUFHeader]:  # fmt: skip
     """The GGUF headers a plan reads, by source name ("" for a plan of one model), checked to fit
-    together and to hold every slice. ``source``: one GGUF for a plan without names, else name -> file."""
-    headers = _open_sources(source, plan, read_gguf_header, check_gguf_compatible)
+    together and to hold every slice. ``source``: one GGUF for a plan without names, else name -> file;
+    ``base_source``: the source of every tensor outside the layers (model.base), else the ends' own."""
+    headers = _open_sources(source, plan, read_gguf_header, check_gguf_compatible, base_source)
     check_slices(plan, {name: header.block_count for name, header in headers.items()})
     return headers
 
 
-def hf_sources(source: str | Path | Mapping[str, str | Path], plan: LayerPlan) -> dict[str, HFCheckpoint]:
+def hf_sources(source: str | Path | Mapping[str, str | Path], plan: LayerPlan,
+               base_source: str | None = None) -> dict[str, HFCheckpoint]:  # fmt: skip
     """The same for Hugging Face folders: configs and safetensors headers, no weight loaded."""
-    checkpoints = _open_sources(source, plan, HFCheckpoint.open, check_hf_compatible)
+    checkpoints = _open_sources(source, plan, HFCheckpoint.open, check_hf_compatible, base_source)
     check_slices(plan, {name: checkpoint.n_layers for name, checkpoint in checkpoints.items()})
     return checkpoints
 

@@ -123,6 +123,7 @@ def _shallow(module: nn.Module) -> nn.Module:
     the copy leaves the original alone."""
     clone = copy.copy(module)
     clone._modules = dict(module._modules)
+    clone.__dict__.pop("_compiled_call", None)  # transformers' compiled forward of the original, bound to it
     return clone
 
 
@@ -143,15 +144,16 @@ def merged_config(config, plan: LayerPlan):
     return merged
 
 
-def merged_model(base: nn.Module | Mapping[str, nn.Module], plan: LayerPlan) -> nn.Module:
+def merged_model(base: nn.Module | Mapping[str, nn.Module], plan: LayerPlan,
+                 base_source: str | None = None) -> nn.Module:  # fmt: skip
     """The merge of a loaded ``*ForCausalLM`` (or, for a plan whose slices name their models, of a name
     -> model map of fine-tunes of one base) as a model sharing their weights. Embeddings and config come
-    from the first slice's model, the final norm and an untied head from the last one's."""
+    from the first slice's model, the final norm and an untied head from the last one's; all of them
+    from ``base_source`` (model.base) if given."""
     models = base if isinstance(base, Mapping) else {"": base}
-    sources = plan.source_of_slices("")
-    check_named(plan, models)
-    check_slices(plan, {name: len(models[name].model.layers) for name in set(sources)})
-    first, last = models[sources[0]], models[sources[-1]]
+    check_named(plan, models, base_source)
+    check_slices(plan, {name: len(models[name].model.layers) for name in set(plan.source_of_slices(""))})
+    first, last = (models[name] for name in plan.end_sources("", base_source))
     config = merged_config(first.config, plan)
     new_inner = _shallow(first.model)
     new_inner.config = config

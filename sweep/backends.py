@@ -30,8 +30,9 @@ def _base_header(path: Path) -> GGUFHeader:
 
 
 class Backend(Protocol):
-    source: Path  # the model the config names, resolved (a GGUF file or an HF folder)
-    base: Any  # what is scored as the base model: a GGUF path, or the loaded model
+    source: Path | dict[str, Path]  # the model the config names, resolved (a GGUF or an HF folder); or sources
+    base: Any  # what is scored as the base: a GGUF path, or a loaded model (of several: model.base, else the 1st)
+    base_source: Optional[str]  # model.base: the source of every tensor outside the layers of a build
     isolatable: ClassVar[bool]  # trials may run in child processes (everything it holds pickles)
     writes_files: ClassVar[bool]  # a build is a file under models/ (kept best first, under the disk budget)
 
@@ -60,7 +61,8 @@ class LlamaCppBackend:
     source: Path | dict[str, Path]  # one model, or several by name (model.sources), each converted once
     config: BackendConfig
     work_dir: Path
-    base: Path = field(init=False)  # the GGUF scored as the base (the first source of several)
+    base_source: Optional[str] = None  # model.base
+    base: Path = field(init=False)  # the GGUF scored as the base (of several: model.base, else the first)
     merge_from: Path | dict[str, Path] = field(init=False)  # the GGUF(s) whose blocks a plan re-indexes
     requantize: bool = field(init=False)  # merge unquantized GGUFs, then quantize each plan
     isolatable = True  # trials may run in child processes
@@ -71,7 +73,7 @@ class LlamaCppBackend:
         sources = self.source if isinstance(self.source, dict) else {"": self.source}
         check_sources(sources)  # several sources: before any conversion
         files = {name: self._gguf(path, f"source-{name}" if name else "base") for name, path in sources.items()}
-        self.base = next(iter(files.values()))[0]
+        self.base = files[self.base_source or next(iter(files))][0]
         merge_from = {name: pair[1] for name, pair in files.items()}
         self.merge_from = merge_from if isinstance(self.source, dict) else merge_from[""]
         self.requantize = any(scored != unquantized for scored, unquantized in files.values())
@@ -102,12 +104,12 @@ class LlamaCppBackend:
 
     def build(self, plan: LayerPlan, out: Path) -> Path:
         if not self.requantize:
-            return merge_gguf(self.merge_from, plan, out)
+            return merge_gguf(self.merge_from, plan, out, self.base_source)
         from merge_core.gguf_quantize import quantize_gguf
 
         unquantized = out.with_name(out.name + ".unquantized")
         try:
-            merge_gguf(self.merge_from, plan, unquantized)
+            merge_gguf(self.merge_from, plan, unquantized, self.base_source)
             return quantize_gguf(unquantized, out, self.config.quant)
         finally:
             unquantized.unlink(missing_ok=True)
@@ -125,18 +127,19 @@ class TorchBackend:
     isolatable = False  # the loaded base (perhaps on a GPU) lives in this process
     writes_files = False
 
-    def __init__(self, source: Path | dict[str, Path], config: BackendConfig) -> None:
+    def __init__(self, source: Path | dict[str, Path], config: BackendConfig,
+                 base_source: Optional[str] = None) -> None:  # fmt: skip
         from merge_core.torch_merge import load_causal_lm
 
         from evals.torch_model import compiled_layer_fn, run_layer
 
-        self.source, self.config = source, config
+        self.source, self.config, self.base_source = source, config, base_source
         sources = source if isinstance(source, dict) else {"": source}
         check_sources(sources)  # before loading anything
-        # every source loaded once, its layers shared by every plan; the first is the base
+        # every source loaded once, its layers shared by every plan; model.base (else the first) is the base
         loaded = {name: load_causal_lm(path, config.dtype, config.device, config.load_in) for name, path in sources.items()}
         self.models = {name: model for name, (model, _) in loaded.items()}
-        self.base, self.tokenizer = next(iter(loaded.values()))
+        self.base, self.tokenizer = loaded[base_source or next(iter(loaded))]
         self.layer_fn = compiled_layer_fn() if config.compile else run_layer
 
     @property
@@ -149,7 +152,7 @@ class TorchBackend:
     def build(self, plan: LayerPlan, out: Optional[Path] = None) -> Any:
         from merge_core.torch_merge import merged_model
 
-        return merged_model(self.models if plan.sources else self.base, plan)
+        return merged_model(self.models if plan.sources else self.base, plan, self.base_source)
 
     def open_model(self, model, n_ctx: int, threads: Optional[int] = None, batch: int = 512):
         from evals.torch_model import TorchModel
@@ -163,17 +166,19 @@ class TorchBackend:
         return 0
 
 
-BACKENDS = {  # backend.kind -> how to make it from (source, config, work_dir)
+BACKENDS = {  # backend.kind -> how to make it from (source, config, work_dir, base_source)
     "llama_cpp": LlamaCppBackend,
-    "torch": lambda source, config, work_dir: TorchBackend(source, config),
+    "torch": lambda source, config, work_dir, base_source: TorchBackend(source, config, base_source),
 }
 
 
-def make_backend(model: str | dict[str, str], config: BackendConfig, work_dir: Path) -> Backend:
-    """The backend for ``model``: one model's path, or several sources by name (model.sources)."""
+def make_backend(model: str | dict[str, str], config: BackendConfig, work_dir: Path,
+                 base_source: Optional[str] = None) -> Backend:  # fmt: skip
+    """The backend for ``model``: one model's path, or several sources by name (model.sources; the first
+    is scored as the base), ``base_source`` (model.base) giving every tensor outside the layers."""
     if config.kind not in BACKENDS:
         raise SelfMergeError(f"unknown backend {config.kind!r}; choose one of {list(BACKENDS)}")
     if isinstance(model, dict):
         sources = {name: resolve_model_source(path) for name, path in model.items()}
-        return BACKENDS[config.kind](sources, config, work_dir)
-    return BACKENDS[config.kind](resolve_model_source(model), config, work_dir)
+        return BACKENDS[config.kind](sources, config, work_dir, base_source)
+    return BACKENDS[config.kind](resolve_model_source(model), config, work_dir, base_source)

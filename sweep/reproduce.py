@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import optuna
 
@@ -15,8 +16,10 @@ from merge_core.export import FORMATS, write_plan
 from merge_core.layer_plan import LayerPlan
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_card import CardFacts, Score, base_licence, write_card
-from merge_core.model_shape import ModelShape
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
+from merge_core.model_shape import ModelShape
+from merge_core.safetensors_merge import merge_safetensors
+from merge_core.sources import used_sources
 from sweep.backends import Backend, make_backend
 from sweep.config import BackendConfig
 from sweep.records import merged_trials
@@ -60,7 +63,8 @@ def sweep_backend(study: optuna.Study, results_dir: Path) -> tuple[Path, Backend
     source = _base_source(scoring)
     config = BackendConfig(**scoring.get("backend", {}))
     model = {name: str(path) for name, path in source.items()} if isinstance(source, dict) else str(source)
-    return source, config, make_backend(model, config, results_dir)  # an HF base converts once, into results_dir/base
+    # an HF base converts once, into results_dir/base
+    return source, config, make_backend(model, config, results_dir, scoring.get("base_source"))
 
 
 def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, out_dir: Path, threads: int | None = None,
@@ -91,11 +95,8 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
         target = out_dir / f"{stem}{SUFFIXES[fmt]}"
         if fmt == "safetensors" and target.exists():
             raise SelfMergeError(f"{target} already exists: remove it or choose another --out")
-        if isinstance(source, dict):  # several GGUF sources: the GGUF above, and the recipe naming each
-            if fmt != "mergekit":
-                raise SelfMergeError(f"a sweep over several GGUF models is reproduced as gguf and mergekit, not {fmt}")
-            target.write_text(plan_to_mergekit_yaml(plan, {name: str(path) for name, path in source.items()}))
-            written.append(target)
+        if isinstance(source, dict):
+            written.append(_write_sources(source, plan, target, fmt, backend.base_source))
             continue
         quant = backend_config.quant if fmt == "gguf" and not source.suffix == ".gguf" else None
         written.append(write_plan(source, plan, target, fmt, hf_id, quant=quant, convert_type=backend_config.convert_type, progress=True))
@@ -109,10 +110,27 @@ def reproduce(study: optuna.Study, results_dir: Path, trial_number: int | None, 
             change = f"  ({(again / stored - 1) * 100:+.3f}%)" if stored else ""
             print(f"{name:18s} stored {stored:.4f}  reproduced {again:.4f}{change}")
     (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    facts = _card_facts(study, trial, plan, source, hf_id, results_dir, out_dir)
+    facts = _card_facts(study, trial, plan, source, hf_id, results_dir, out_dir, backend.base_source)
     cards = [write_card(target, facts) for target in (out_dir, *(p for p in written if p.is_dir()))]
     print("wrote " + ", ".join(str(p) for p in [*written, *cards]))
     return record
+
+
+def _write_sources(source: dict[str, Path], plan: LayerPlan, target: Path, fmt: str,
+                   base_source: Optional[str]) -> Path:  # fmt: skip
+    """A plan over several models as ``fmt``: the recipe naming each, or from HF folders the safetensors
+    folder (a GGUF from GGUF sources is the very file the llama.cpp backend scored, written above)."""
+    models = {name: str(path) for name, path in source.items()}
+    if fmt == "mergekit":
+        target.write_text(plan_to_mergekit_yaml(plan, models, base_source=base_source))
+    elif fmt == "safetensors" and all(path.is_dir() for path in source.values()):
+        merge_safetensors(source, plan, target, model_name=models, progress=True, base_source=base_source)
+    else:
+        raise SelfMergeError(
+            f"a sweep over several models is reproduced as mergekit, and as gguf from GGUF sources or "
+            f"safetensors from HF folders; not {fmt} from {', '.join(models.values())}"
+        )
+    return target
 
 
 def _scored_on(scoring: dict) -> str:
@@ -123,13 +141,14 @@ def _scored_on(scoring: dict) -> str:
 
 
 def _card_facts(study, trial, plan: LayerPlan, source: Path | dict[str, Path], hf_id: str, results_dir: Path,
-                out_dir: Path) -> CardFacts:  # fmt: skip
+                out_dir: Path, base_source: Optional[str]) -> CardFacts:  # fmt: skip
     base = study.user_attrs.get(StudyKey.BASE, {})
     names = [name for spec in EVALS.values() for name in spec.scores if name in trial.user_attrs]
     scores = tuple(Score(name, trial.user_attrs[name], base.get(name)) for name in names)
     command = f"selfmerge reproduce {results_dir} --trial {trial.number} --out {out_dir}"
     sources = source if isinstance(source, dict) else {}
-    first = next(iter(sources.values())) if sources else source
-    named = tuple((name, str(sources[name]), base_licence(sources[name])) for name in plan.source_names if name in sources)
+    first = sources[plan.end_sources(next(iter(sources)), base_source)[0]] if sources else source
+    named = tuple((name, str(sources[name]), base_licence(sources[name]))
+                  for name in used_sources(plan, base_source))  # fmt: skip
     return CardFacts(hf_id, plan, ModelShape.of(first), base_licence(first), scores,
-                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,), named)  # fmt: skip
+                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,), named, base_source)  # fmt: skip

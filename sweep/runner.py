@@ -158,7 +158,9 @@ class Sweep:
         self.config, self.work_type = config, work_type
         self.directory = config.sweep.directory
         self.journal = is_journal(config.storage_url)
-        self.backend: Backend = make_backend(config.model.source, config.backend, self.directory)
+        self.backend: Backend = make_backend(
+            config.model.source, config.backend, self.directory, config.model.base or None
+        )
         self.shape = self.backend.shape
         self.space = build_space(config.space_kind, self.shape, config.space, tuple(config.model.sources))
         self.enqueue = [plan_to_enqueue(e, self.space, self.shape, config.space_kind) for e in config.sweep.enqueue]
@@ -234,9 +236,9 @@ class Sweep:
         if StudyKey.BASE in study.user_attrs:
             return study.user_attrs[StudyKey.BASE]
         plan = LayerPlan.identity(self.shape.n_layers)
-        source = self.backend.source  # several sources: the first is the base
+        source = self.backend.source  # several sources: model.base, else the first, is the base
         if isinstance(source, dict):
-            name = f"{next(iter(source.values())).name} (of {', '.join(source)})"
+            name = f"{source[self.config.model.base or next(iter(source))].name} (of {', '.join(source)})"
         else:
             name = source.name
         log.info("base model %s (%d layers): scoring %s", name, self.shape.n_layers, "+".join(self.config.eval.kinds))

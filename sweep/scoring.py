@@ -18,9 +18,11 @@ from sweep.config import EvalConfig, SweepConfig
 
 
 def scoring_fingerprint(config: SweepConfig, base_path: Path | dict[str, Path]) -> dict:
-    """What makes two scores comparable; a resumed sweep must match it (several sources: each of them)."""
+    """What makes two scores comparable; a resumed sweep must match it (several sources: each of them,
+    and model.base if set)."""
     model = {name: str(path) for name, path in base_path.items()} if isinstance(base_path, dict) else str(base_path)
-    return {"model": model, "backend": config.backend.scoring(), "eval": config.eval.fingerprint()}
+    base_source = {"base_source": config.model.base} if config.model.base else {}
+    return {"model": model, **base_source, "backend": config.backend.scoring(), "eval": config.eval.fingerprint()}
 
 
 def with_new_defaults(stored: dict) -> dict:

@@ -14,6 +14,8 @@ Over several source models (``model.sources``) each space also draws ``source_i`
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 
 from merge_core.errors import SelfMergeError
@@ -43,10 +45,23 @@ def build_space(kind: str, shape: ModelShape, config, sources: tuple[str, ...] =
     if kind not in SPACES:
         raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
     space_cls, _ = SPACES[kind]
-    picks_sources = getattr(space_cls, "picks_sources", False)
-    space = space_cls(shape, config, sources) if picks_sources else space_cls(shape, config)
+    if getattr(space_cls, "picks_sources", False):
+        space = space_cls(shape, config, sources)
+    elif sources:  # the layers drawn as if from one model, up to max_repeats of each source's layer
+        space = SourcedSpace(space_cls(shape, _per_source(config, len(sources))), sources, config.constraints)
+    else:
+        space = space_cls(shape, config)
     space.check_not_empty()
-    return SourcedSpace(space, sources) if sources and not picks_sources else space
+    return space
+
+
+def _per_source(config, n_sources: int):
+    """``config`` with max_repeats read per source: a base layer index may then appear max_repeats
+    times from each source; SourcedSpace checks the plan once each slice has its model."""
+    limit = config.constraints.max_repeats
+    return dataclasses.replace(
+        config, constraints=dataclasses.replace(config.constraints, max_repeats=limit and limit * n_sources)
+    )
 
 
 def sample_plans(space: SearchSpace, n: int, seed: int = 0) -> list[LayerPlan]:

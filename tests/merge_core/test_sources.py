@@ -1,6 +1,8 @@
 """Frankenmerges of several fine-tunes of one base (``a:0-4,b:2-6``): plans with sources, the GGUF
 merge from several files, compatibility refusals, and the single-model plan unchanged."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -23,18 +25,24 @@ from merge_core.torch_merge import _layer_at, load_causal_lm, merged_model
 from tiny_models import build_finetune, build_tiny
 
 PLAN = LayerPlan.parse("a:0-4,b:2-6")  # layers 2 and 3 of both models; embeddings from a, head from b
+C_TEMPLATE = "{% for m in messages %}<c>{{ m['content'] }}</c>{% endfor %}"
 TEXT = "Return the number of items in a container, or raise TypeError if it has no length. " * 12
 
 
 @pytest.fixture(scope="module")
 def finetunes(tmp_path_factory):
-    """Two fine-tunes of one tiny Llama, as HF folders and F32 GGUFs (exact bytes to compare)."""
+    """Three fine-tunes of one tiny Llama, as HF folders and F32 GGUFs (exact bytes to compare); c has
+    its own chat template, as an instruct tune would."""
     tmp = tmp_path_factory.mktemp("sources")
     a = build_tiny("llama", tmp / "a", dtype=torch.float32)
     b = build_finetune(a, tmp / "b", seed=1)
+    c = build_finetune(a, tmp / "c", seed=2)
+    tokenizer_config = json.loads((c / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = C_TEMPLATE
+    (c / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return {
         name: (folder, convert_hf_to_gguf(folder, tmp / f"{name}.gguf", "f16"))
-        for name, folder in (("a", a), ("b", b))
+        for name, folder in (("a", a), ("b", b), ("c", c))
     }
 
 
@@ -61,7 +69,7 @@ def test_mergekit_recipes_carry_the_sources():
     models = {"a": "org/xwin", "b": "org/euryale"}
     text = plan_to_mergekit_yaml(PLAN, models)
     assert "org/xwin" in text and "org/euryale" in text
-    assert recipe_from_mergekit_yaml(text) == (PLAN, models)  # names given in order of first use: a, b
+    assert recipe_from_mergekit_yaml(text) == (PLAN, models, None)  # names given in order of first use: a, b
     assert plan_from_mergekit_yaml(plan_to_mergekit_yaml(LayerPlan.parse("0-4,2-6"), "org/x")) == (
         LayerPlan.parse("0-4,2-6"),
         "org/x",
@@ -129,6 +137,7 @@ def test_safetensors_merge_takes_each_layer_from_its_folder(finetunes, tmp_path)
     assert recipe_from_mergekit_yaml((out / "mergekit_config.yml").read_text()) == (
         PLAN,
         {"a": "org/a", "b": "org/b"},
+        None,
     )
     stack, tokenizer = _stack_in_transformers(finetunes)
     ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]])
@@ -140,6 +149,48 @@ def test_safetensors_merge_takes_each_layer_from_its_folder(finetunes, tmp_path)
         expected = stack(ids).logits
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, expected)
         assert torch.equal(in_memory(ids).logits, expected)
+
+
+def test_model_base_gives_every_tensor_outside_the_layers(finetunes, tmp_path):
+    """model.base=c: c's embeddings, final norm, head, tokenizer and chat template around a's and b's
+    layers, on every path, and in the mergekit recipe (base_model and two empty slices of c)."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_core.hf_checkpoint import HFCheckpoint
+
+    files = {name: gguf for name, (_, gguf) in finetunes.items()}
+    merged = read_gguf_header(merge_gguf(files, PLAN, tmp_path / "ab.gguf", base_source="c"))
+    a, c = read_gguf_header(files["a"]), read_gguf_header(files["c"])
+    for name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+        assert _tensor_bytes(merged, name) == _tensor_bytes(c, name) != _tensor_bytes(a, name)
+    assert _tensor_bytes(merged, "blk.0.attn_q.weight") == _tensor_bytes(a, "blk.0.attn_q.weight")
+    assert merged.metadata["tokenizer.chat_template"].value == C_TEMPLATE
+
+    folders = {name: folder for name, (folder, _) in finetunes.items()}
+    names = {n: f"org/{n}" for n in "abc"}
+    out = merge_safetensors(folders, PLAN, tmp_path / "abc", model_name=names, base_source="c")
+    checkpoint, c_checkpoint = HFCheckpoint.open(out), HFCheckpoint.open(folders["c"])
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert _st_bytes(checkpoint, name) == _st_bytes(c_checkpoint, name)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == C_TEMPLATE
+    recipe = recipe_from_mergekit_yaml((out / "mergekit_config.yml").read_text())
+    assert recipe == (PLAN, {"a": "org/a", "b": "org/b", "c": "org/c"}, "c")
+
+    models = {name: load_causal_lm(folders[name], "float32", "cpu")[0] for name in "abc"}
+    ids = torch.tensor([[3, 17, 42, 5, 99, 7, 64, 12]])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        assert torch.equal(merged_model(models, PLAN, base_source="c")(ids).logits, expected)
+        assert not torch.equal(merged_model(models, PLAN)(ids).logits, expected)
+
+    with pytest.raises(SelfMergeError, match=r"base source 'd', which is not among \['a', 'b', 'c'\]"):
+        merge_gguf(files, PLAN, tmp_path / "out.gguf", base_source="d")
+    with pytest.raises(SelfMergeError, match="base source 'c' names a model, but one model was given"):
+        merge_gguf(files["a"], LayerPlan.parse("0-4,2-6"), tmp_path / "out.gguf", base_source="c")
+    with pytest.raises(SelfMergeError, match="slice 2 of the mergekit recipe is empty: selfmerge reads empty"):
+        recipe_from_mergekit_yaml(plan_to_mergekit_yaml(LayerPlan.parse("a:0-4,b:2-6"), {"a": "x", "b": "y"})
+                                  .replace("[2, 6]", "[2, 2]"))  # fmt: skip
+    assert not list(tmp_path.glob("out*"))
 
 
 def _st_bytes(checkpoint, name):
@@ -215,7 +266,8 @@ def test_selfmerge_merge_writes_a_frankenmerge_with_its_card_and_recipe(finetune
     assert read_gguf_header(tmp_path / "ab.gguf").block_count == 8
     card = (tmp_path / "README.md").read_text()
     assert f"| a | `{a}` |" in card and f"| b | `{b}` |" in card and "| 2 | b:2-5 | 4-7 |" in card
-    assert recipe_from_mergekit_yaml((tmp_path / "ab.mergekit.yml").read_text()) == (PLAN, {"a": a, "b": b})
+    recipe = recipe_from_mergekit_yaml((tmp_path / "ab.mergekit.yml").read_text())
+    assert recipe == (PLAN, {"a": a, "b": b}, None)
     bad = run_cli("merge", f"a={a}", "--plan", str(PLAN), "--out", str(tmp_path / "x.gguf"), cwd=REPO)
     assert bad.returncode != 0 and "names source 'b', which is not among ['a']" in bad.stderr
     assert not (tmp_path / "x.gguf").exists()

@@ -149,6 +149,24 @@ def test_spaces_over_two_sources():
                for p in sample_plans(interleave, 20, seed=1))  # fmt: skip
 
 
+def test_over_several_sources_a_layer_repeats_per_source():
+    """max_repeats=1: no plan of one model (every jump overlaps), but over a/b each overlap can take its
+    layers from the other model. Counted as brute force over the rule restated here, and sampled."""
+    config = UniformSpaceConfig(first_size=(4, 10), middle_size=(6, 10), n_middle=(0, 2),
+                                constraints=PlanConstraints(max_repeats=1))  # fmt: skip
+    with pytest.raises(SelfMergeError, match="no valid plan"):
+        build_space("uniform", ModelShape(18), config)
+    two = build_space("uniform", ModelShape(18), config, ("a", "b"))
+
+    def once_per_source(plan):
+        return plan is not None and max(Counter(plan.layer_sources).values()) == 1
+
+    brute = [params for params, plan in brute_force_params(two) if once_per_source(plan)]
+    assert two.count_param_sets() == len(brute) > 0
+    plans = sample_plans(two, 40, seed=2)
+    assert all(once_per_source(p) and all(x != y for x, y in zip(p.sources, p.sources[1:])) for p in plans)
+
+
 def test_tpe_cmaes_random_and_nsga2_only_ever_see_valid_plans():
     constraints = PlanConstraints(keep_first=4, keep_last=6, max_params_ratio=1.5)
     space = build_space("uniform", SMOLLM2, UniformSpaceConfig(constraints=constraints))

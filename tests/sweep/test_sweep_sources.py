@@ -62,7 +62,7 @@ def test_a_sweep_over_two_sources_scores_plans_that_mix_them(base_gguf, requanti
     assert (out / f"two-trial{mixed.number}.gguf").read_bytes() == Path(
         mixed.user_attrs["model_path"]
     ).read_bytes()
-    rplan, models = recipe_from_mergekit_yaml((out / f"two-trial{mixed.number}.mergekit.yml").read_text())
+    rplan, models, _ = recipe_from_mergekit_yaml((out / f"two-trial{mixed.number}.mergekit.yml").read_text())
     files = {"a": str(base_gguf), "b": str(requantized)}  # the recipe names models a, b, ... in order of use
     assert rplan.slices == plan.slices and [models[n] for n in rplan.sources] == [
         files[n] for n in plan.sources
@@ -120,6 +120,43 @@ def test_a_sweep_over_two_hf_fine_tunes(backend, wikitext_file, tmp_path):
         assert all(path.is_file() for path in sweep.backend.merge_from.values())
     board = pd.read_csv(tmp_path / "results" / "tt" / "leaderboard.csv")
     assert board["plan"].iloc[0] == "0-8" and board["plan"].iloc[1:].str.contains("a:|b:").all()
+
+
+def test_model_base_gives_the_embeddings_head_and_baseline_in_a_sweep(wikitext_file, tmp_path):
+    """+model.base=c: c is scored as the base, every plan wears c's embeddings, final norm and head
+    around a's and b's layers, and reproduce rebuilds it (safetensors and the recipe naming c)."""
+    import torch
+    from tiny_models import build_finetune, build_tiny
+
+    a = build_tiny("llama", tmp_path / "a", n_layers=8)
+    folders = {"a": a, **{name: build_finetune(a, tmp_path / name, seed) for name, seed in (("b", 1), ("c", 2))}}
+    small = ["space.first_size=[2,5]", "space.middle_size=[2,4]", "space.jump=[1,2]", "space.constraints.last_min=2",
+             "space.constraints.jump_min=1"]  # fmt: skip
+    overrides = fast_overrides("base", wikitext_file, 2, tmp_path / "results") + [
+        *(f"+model.sources.{name}={folder}" for name, folder in folders.items()), "+model.base=c",
+        "backend=torch", "sweep.seed=1", *small]  # fmt: skip
+    sweep = Sweep(load_config(compose(overrides)))
+    study = sweep.run()
+    models = sweep.backend.models
+    assert sweep.backend.base is models["c"] and study.user_attrs["scoring"]["base_source"] == "c"
+    trial = next(t for t in study.trials if t.values)
+    plan = LayerPlan.parse(trial.user_attrs["plan"])
+    built = sweep.backend.build(plan)
+    assert built.model.embed_tokens is models["c"].model.embed_tokens and built.lm_head is models["c"].lm_head
+    assert built.model.norm is models["c"].model.norm
+    out = tmp_path / "reproduced"
+    run_cli("reproduce", str(tmp_path / "results" / "base"), "--trial", str(trial.number), "--out", str(out),
+            cwd=REPO, check=True)  # fmt: skip
+    record = json.loads((out / f"base-trial{trial.number}.json").read_text())
+    assert record["reproduced_ppl"] == pytest.approx(record["stored_ppl"], rel=1e-5)
+    recipe = recipe_from_mergekit_yaml((out / f"base-trial{trial.number}.mergekit.yml").read_text())
+    assert recipe.base_source is not None and recipe.models[recipe.base_source] == str(folders["c"])
+    from safetensors.torch import load_file
+
+    written = load_file(out / f"base-trial{trial.number}" / "model.safetensors")
+    assert torch.equal(written["model.embed_tokens.weight"], models["c"].model.embed_tokens.weight.detach())
+    with pytest.raises(SelfMergeError, match=r"model.base=d is not a source: it names one of model.sources \(a, b"):
+        ModelConfig(sources={"a": "x", "b": "y"}, base="d")
 
 
 @pytest.mark.slow
