@@ -61,6 +61,12 @@ def gqa_attention(model) -> Iterator[None]:
             config._attn_implementation = before[key]
 
 
+def _until_end(tokens: list[int], ends: set[int]) -> list[int]:
+    """A reply's tokens up to and with its first end token."""
+    cut = next((i for i, token in enumerate(tokens) if token in ends), len(tokens) - 1)
+    return tokens[: cut + 1]
+
+
 def compiled_layer_fn():
     """``run_layer`` compiled: one graph serves every layer object of the same class and shapes (its
     parameters are graph inputs), so plan after plan reuses it with no recompilation."""
@@ -164,23 +170,92 @@ class TorchModel:
     def chat_batch(self, conversations: list[list[dict]], max_tokens: int) -> list[str]:
         """Greedy replies to many conversations at once, the same text as ``chat`` one by one (tested in
         fp32): prompts left-padded under an attention mask, a static KV cache, grouped-query attention
-        kept grouped, each reply ending at its own end token. Prompts of similar length share a batch."""
+        kept grouped, each reply ending at its own end token (``_greedy``). Prompts of similar length
+        share a batch."""
         prompts = [self.chat_prompt_tokens(messages) for messages in conversations]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         size = self.gen_batch or self._fitting_batch(max(map(len, prompts)) + max_tokens)
+        ends = self._end_ids()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         replies: list[str] = [""] * len(prompts)
         for start in range(0, len(order), size):
             group = order[start : start + size]
             width = max(len(prompts[i]) for i in group)
             ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in group], device=self.device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in group], device=self.device)
+            valid = torch.tensor([[False] * (width - len(prompts[i])) + [True] * len(prompts[i]) for i in group],
+                                 device=self.device)  # fmt: skip
             with gqa_attention(self.model):
-                out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
-                                          cache_implementation="static", disable_compile=True)  # fmt: skip
-            for i, row in zip(group, out[:, width:]):
-                replies[i] = self.tokenizer.decode(row, skip_special_tokens=True)
+                if self._static_decoding():
+                    out = self._greedy(ids, valid, max_tokens)
+                else:  # sliding-window layers keep a cache of their own length: transformers' loop
+                    out = self.model.generate(ids, attention_mask=valid.long(), max_new_tokens=max_tokens,
+                                              do_sample=False, pad_token_id=pad, cache_implementation="static",
+                                              disable_compile=True)[:, width:]  # fmt: skip
+            for i, row in zip(group, out):
+                replies[i] = self.tokenizer.decode(_until_end(row.tolist(), ends), skip_special_tokens=True)
         return replies
+
+    def _end_ids(self) -> set[int]:
+        ends = self.model.generation_config.eos_token_id
+        ends = ends if isinstance(ends, (list, tuple)) else [ends]
+        return {int(e) for e in [*ends, self.tokenizer.eos_token_id] if e is not None}
+
+    def _static_decoding(self) -> bool:
+        """Every layer attends over the whole static cache (no sliding-window layer)."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=8)
+        return not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+
+    def _greedy(self, ids: torch.Tensor, valid: torch.Tensor, max_tokens: int) -> torch.Tensor:
+        """Greedy continuation (``max_tokens`` tokens a row) of left-padded prompts, ``valid`` marking
+        their real tokens, over a static KV cache: the prompts in one forward, then one token a step,
+        nothing else in the loop (transformers' ``generate`` adds its logits processors and stopping
+        criteria, a host sync and several small kernels a step). The loop ends once every row has
+        written an end token (checked every 8 steps); later tokens of a row are cut by ``_until_end``."""
+        from transformers import StaticCache
+
+        batch, width = ids.shape
+        total = width + max_tokens
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        keys = torch.zeros(batch, total, dtype=torch.bool, device=self.device)
+        keys[:, :width] = valid
+        # prompt: causal over real tokens; a padding row sees itself, so no softmax row is empty (NaN)
+        causal = torch.ones(width, total, dtype=torch.bool, device=self.device).tril()
+        own = torch.eye(width, total, dtype=torch.bool, device=self.device)
+        positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        accepts = inspect.signature(self.model.forward).parameters  # transformers renamed the cache's argument
+        cache_arg = "cache" if "cache" in accepts else "past_key_values"
+        position_arg = "cache_position" in inspect.signature(self.model.model.forward).parameters
+
+        def forward(tokens, mask, pos, cache_position):
+            extra = {cache_arg: cache, **({"cache_position": cache_position} if position_arg else {})}
+            return self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+                              logits_to_keep=1, **extra).logits[:, -1]  # fmt: skip
+
+        logits = forward(ids, ((causal & keys[:, None]) | own)[:, None], positions,
+                         torch.arange(width, device=self.device))  # fmt: skip
+        token = logits.argmax(-1, keepdim=True)
+        mask, pos = keys[:, None, None, :].clone(), positions[:, -1:] + 1
+        cache_position = torch.tensor([width], device=self.device)
+
+        def step():
+            mask.index_fill_(3, cache_position, True)
+            token.copy_(forward(token, mask, pos, cache_position).argmax(-1, keepdim=True))
+            pos.add_(1)
+            cache_position.add_(1)
+
+        out = torch.empty(batch, max_tokens, dtype=torch.long, device=self.device)
+        out[:, 0] = token[:, 0]
+        ends = torch.tensor(sorted(self._end_ids()), device=self.device)
+        done = torch.isin(token[:, 0], ends)
+        for t in range(1, max_tokens):
+            step()
+            out[:, t] = token[:, 0]
+            done |= torch.isin(token[:, 0], ends)
+            if t % 8 == 0 and bool(done.all()):
+                return out[:, : t + 1]
+        return out
 
     @torch.inference_mode()
     def next_token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
