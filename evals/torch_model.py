@@ -175,7 +175,7 @@ class TorchModel:
         prompts = [self.chat_prompt_tokens(messages) for messages in conversations]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         size = self.gen_batch or self._fitting_batch(max(map(len, prompts)) + max_tokens)
-        ends = self._end_ids()
+        ends, static = self._end_ids(), self._static_decoding()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         replies: list[str] = [""] * len(prompts)
         for start in range(0, len(order), size):
@@ -185,7 +185,7 @@ class TorchModel:
             valid = torch.tensor([[False] * (width - len(prompts[i])) + [True] * len(prompts[i]) for i in group],
                                  device=self.device)  # fmt: skip
             with gqa_attention(self.model):
-                if self._static_decoding():
+                if static:
                     out = self._greedy(ids, valid, max_tokens)
                 else:  # sliding-window layers keep a cache of their own length: transformers' loop
                     out = self.model.generate(ids, attention_mask=valid.long(), max_new_tokens=max_tokens,

@@ -215,8 +215,18 @@ def cmd_analyze(args, overrides: list[str]) -> None:
     print(f"wrote {csv} and {png}")
 
 
+def _clear_output(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` without --force; with it, a folder goes now (a file is replaced
+    atomically once the new one is complete)."""
+    if out.exists():
+        if not force:
+            raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+        if out.is_dir():
+            shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
 def cmd_merge(args) -> None:
-    import shutil
     import time
 
     from merge_core.export import default_format, write_plan
@@ -236,12 +246,7 @@ def cmd_merge(args) -> None:
     out = Path(args.out)
     fmt = args.format or default_format(source, out)
     shard_bytes = parse_size(args.out_shard_size, "--out-shard-size")
-    if out.exists():
-        if not args.force:
-            raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
-        if out.is_dir():  # a file is replaced atomically once the new one is complete
-            shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_output(out, args.force)
     start = time.perf_counter()
     model_name = args.hf_id or (ModelConfig.hf_id if args.model == BUNDLED else str(source))
     write_plan(source, plan, out, fmt, model_name, quant=args.quant, shard_bytes=shard_bytes, progress=True)
@@ -281,15 +286,12 @@ def _merge_sources(args, plan) -> None:
     if (fmt == "gguf") != all_gguf and fmt != "mergekit":
         kind = "a GGUF" if fmt == "gguf" else "an HF folder"
         raise SelfMergeError(f"--format {fmt} from several models needs every source {kind}")
-    if out.exists() and not args.force:
-        raise SelfMergeError(f"{out} exists; pass --force to overwrite it")
+    _clear_output(out, args.force)
     base = args.base
     if fmt == "mergekit":
         out.write_text(plan_to_mergekit_yaml(plan, given, base_source=base))
         print(f"wrote {out} (mergekit recipe over {', '.join(given)})")
         return
-    if out.is_dir():
-        shutil.rmtree(out)
     if fmt == "gguf":
         merge_gguf(sources, plan, out, base)
         out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, given, base_source=base))
