@@ -1,6 +1,6 @@
 """EQ-Bench generation on the torch backend, one item at a time vs all items batched (chat_batch).
 
-    python benchmarks/eqbench_batched.py gpu --tokenizer DIR --questions eq_bench_v2_questions_171.json
+    python benchmarks/eqbench_batched.py gpu --tokenizer DIR --questions eq_bench_v2_questions_171.json [--with-generate]
     python benchmarks/eqbench_batched.py cpu
 
 gpu: a 7B-shaped Mistral (hidden 4096, 32 layers, 8 KV heads, vocab 49152) with random bf16 weights is
@@ -46,7 +46,8 @@ def build_7b(folder: Path, tokenizer: Path) -> Path:
     return folder
 
 
-def measure(backend: TorchBackend, plan: LayerPlan, questions: str, n_items: int, max_tokens: int, unbatched: int) -> dict:
+def measure(backend: TorchBackend, plan: LayerPlan, questions: str, n_items: int, max_tokens: int, unbatched: int,
+            with_generate: bool = False) -> dict:  # fmt: skip
     model = merged_model(backend.base, plan)
     evaluation = EQBenchEval(questions, n_items=n_items, max_tokens=max_tokens, n_ctx=2048, open_model=backend.open_model)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -59,6 +60,15 @@ def measure(backend: TorchBackend, plan: LayerPlan, questions: str, n_items: int
         sync()
         batched_s = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        generate_s = None
+        if with_generate:  # the same batches through transformers' generate (static cache), same process
+            chat_model._static_decoding = lambda: False
+            sync()
+            start = time.perf_counter()
+            chat_model.chat_batch([_messages(item) for item in evaluation.items], max_tokens)
+            sync()
+            generate_s = time.perf_counter() - start
+            del chat_model._static_decoding
         start = time.perf_counter()
         one_by_one = [chat_model.chat(_messages(item), max_tokens) for item in evaluation.items[:unbatched]]
         sync()
@@ -73,6 +83,7 @@ def measure(backend: TorchBackend, plan: LayerPlan, questions: str, n_items: int
         "unbatched_seconds_per_trial": round(unbatched_s / unbatched * len(evaluation.items), 1),
         "speedup": round(unbatched_s / unbatched * len(evaluation.items) / batched_s, 1),
         "identical_where_compared": sum(a == b for a, b in zip(one_by_one, batched)), "peak_gib": peak and round(peak, 1),
+        **({"generate_batched_seconds": round(generate_s, 2)} if generate_s is not None else {}),
     }  # fmt: skip
 
 
@@ -85,6 +96,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--unbatched-items", type=int, default=4)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/selfmerge-7b"))
+    parser.add_argument("--with-generate", action="store_true", help="also time the batches through generate (A/B)")
     args = parser.parse_args()
     if args.where == "gpu":
         start = time.perf_counter()
@@ -92,7 +104,8 @@ def main() -> None:
         built = time.perf_counter() - start
         backend = TorchBackend(source, BackendConfig(kind="torch", dtype="bfloat16"))
         row = {"device": torch.cuda.get_device_name(), "build_and_save_seconds": round(built, 1),
-               **measure(backend, LayerPlan.parse("0-24,8-32"), args.questions, args.items, args.max_tokens, args.unbatched_items)}  # fmt: skip
+               **measure(backend, LayerPlan.parse("0-24,8-32"), args.questions, args.items, args.max_tokens, args.unbatched_items,
+                          args.with_generate)}  # fmt: skip
     else:
         from merge_core.model_files import bundled_model_path
 

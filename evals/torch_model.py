@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -81,7 +82,7 @@ class TorchModel:
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True) and n_ctx > window:
             raise SelfMergeError(f"n_ctx={n_ctx} exceeds the model's sliding window of {window}: use n_ctx <= {window}")
-        self.device = next(model.parameters()).device
+        self.device = model.get_input_embeddings().weight.device  # a base spread over GPUs starts on the first
         # Gemma 3's rotary embedding takes the layer kind (sliding/global: RoPE bases 10k and 1M)
         self._rotary_per_kind = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
         self._cache = None  # KV cache of next_token_logprobs, and the tokens it holds
@@ -126,7 +127,7 @@ class TorchModel:
         for start in range(0, len(windows), self.batch_windows):
             ids = torch.tensor(windows[start : start + self.batch_windows], device=self.device)
             logits = self._scored_logits(ids, first)
-            targets = ids[:, first + 1 :]
+            targets = ids[:, first + 1 :].to(logits.device)  # the head may be on another GPU (device_map)
             log_norm = torch.logsumexp(logits.float(), dim=-1)
             picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
             results.extend((log_norm - picked).double().cpu().numpy())
@@ -158,13 +159,16 @@ class TorchModel:
         return self.tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
 
     def _fitting_batch(self, length: int) -> int:
-        """Sequences whose static KV cache of ``length`` tokens fits half the free GPU memory (8 on a CPU)."""
+        """Sequences whose static KV cache of ``length`` tokens fits half the free memory of each GPU,
+        which holds the cache of its own layers (8 on a CPU)."""
         if self.device.type != "cuda":
             return 8
         config = self.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        per_sequence = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * length * self.model.dtype.itemsize
-        return max(1, int(0.5 * torch.cuda.mem_get_info(self.device)[0] // per_sequence))
+        per_layer = 2 * config.num_key_value_heads * head_dim * length * self.model.dtype.itemsize
+        layers_on = Counter(next(layer.parameters()).device for layer in self.model.model.layers)
+        return max(1, min(int(0.5 * torch.cuda.mem_get_info(device)[0] // (n * per_layer))
+                          for device, n in layers_on.items() if device.type == "cuda"))  # fmt: skip
 
     @torch.inference_mode()
     def chat_batch(self, conversations: list[list[dict]], max_tokens: int) -> list[str]:
@@ -230,18 +234,18 @@ class TorchModel:
 
         def forward(tokens, mask, pos, cache_position):
             extra = {cache_arg: cache, **({"cache_position": cache_position} if position_arg else {})}
-            return self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
-                              logits_to_keep=1, **extra).logits[:, -1]  # fmt: skip
+            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+                                logits_to_keep=1, **extra).logits[:, -1]  # fmt: skip
+            return logits.argmax(-1, keepdim=True).to(self.device)  # the head may be on another GPU (device_map)
 
-        logits = forward(ids, ((causal & keys[:, None]) | own)[:, None], positions,
-                         torch.arange(width, device=self.device))  # fmt: skip
-        token = logits.argmax(-1, keepdim=True)
+        prompt_mask = ((causal & keys[:, None]) | own)[:, None]
+        token = forward(ids, prompt_mask, positions, torch.arange(width, device=self.device))
         mask, pos = keys[:, None, None, :].clone(), positions[:, -1:] + 1
         cache_position = torch.tensor([width], device=self.device)
 
         def step():
             mask.index_fill_(3, cache_position, True)
-            token.copy_(forward(token, mask, pos, cache_position).argmax(-1, keepdim=True))
+            token.copy_(forward(token, mask, pos, cache_position))
             pos.add_(1)
             cache_position.add_(1)
 

@@ -4,14 +4,19 @@ No weight is copied: each position of the plan gets a shallow copy of its base l
 layer's attention module) that points at the same parameters, so a 48-layer plan of a 32-layer
 model costs no extra memory. The shallow attention copy carries its own ``layer_idx``: the KV cache
 is indexed by position, and two positions sharing one index would overwrite each other's cache.
+
+A base spread over several GPUs (``device_map``, accelerate's dispatch) keeps its layers where they
+are: each position of a plan runs on its base layer's GPU, accelerate's hook moving the hidden
+states there, and the copy gets a hook of its own so that the copy's attention (and layer index) runs.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +28,10 @@ from merge_core.model_shape import LOAD_IN, ModelShape
 from merge_core.sources import check_named, check_slices
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements over GPUs
+# of each GPU's free memory, what a spread base may not take: activations, the logits of a batch of
+# windows and generation's KV cache (which takes half of what is free after loading, evals/torch_model.py)
+GPU_RESERVE = 0.15
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -55,14 +64,39 @@ def _size(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-def check_fits(source: str | Path, dtype: str, load_in: str, device: torch.device) -> None:
-    """Refuse a base too large for the device before loading it, with the numbers."""
-    need, free = ModelShape.of(source).loaded_bytes(torch_dtype(dtype).itemsize, load_in), _free_bytes(device)
+def check_fits(source: str | Path, dtype: str, load_in: str, device: torch.device,
+               free: Optional[int] = None, where: str = "") -> None:  # fmt: skip
+    """Refuse a base too large for the device (or for ``free`` bytes over several GPUs, ``where``)
+    before loading it, with the numbers."""
+    need = ModelShape.of(source).loaded_bytes(torch_dtype(dtype).itemsize, load_in)
+    free = _free_bytes(device) if free is None else free
     if need > 0.95 * free:
         how = dtype if load_in == "none" else f"{load_in} ({dtype} outside the layers)"
-        hint = "; backend.load_in=nf4 takes about a quarter of bf16" if load_in != "nf4" else ""
+        hints = ["backend.load_in=nf4 takes about a quarter of bf16"] if load_in != "nf4" else []
+        hints += [] if where else ["backend.device_map=auto spreads it over several GPUs"]
+        have = f"{where} have" if where else f"{device} has"
         raise SelfMergeError(
-            f"the base {source} needs {_size(need)} in {how} but {device} has {_size(free)} free{hint}"
+            f"the base {source} needs {_size(need)} in {how} but {have} {_size(free)} free"
+            + "".join(f"; {hint}" for hint in hints)
+        )
+
+
+def max_memory(gpus: Sequence[int], free: Mapping[int, int]) -> dict[int, int]:
+    """What a base spread over ``gpus`` may take of each (accelerate's ``max_memory``): its free bytes
+    less ``GPU_RESERVE``, GPUs outside ``gpus`` left alone (another worker's)."""
+    return {gpu: int(free[gpu] * (1 - GPU_RESERVE)) for gpu in gpus}
+
+
+def check_on_gpus(device_map: Mapping[str, object], gpus: Sequence[int]) -> None:
+    """A base placed by accelerate must lie on the worker's GPUs only: a layer offloaded to the CPU
+    or disk runs ~100x slower, which a sweep must not find out after a night."""
+    away = sorted({str(d) for d in device_map.values() if _gpu_index(d) not in gpus})
+    if away:
+        names = [name for name, d in device_map.items() if str(d) in away]
+        raise SelfMergeError(
+            f"the base does not fit GPUs {', '.join(map(str, gpus))}: accelerate put {len(names)} modules "
+            f"on {', '.join(away)} (first {names[0]}); give the worker more GPUs (sweep.gpus_per_worker) "
+            "or quantize its layers (backend.load_in=nf4)"
         )
 
 
@@ -78,9 +112,12 @@ def _quantization_config(load_in: str, dtype: str):
     )
 
 
-def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "auto", load_in: str = "none"):
+def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "auto", load_in: str = "none",
+                   device_map: Optional[str] = None, gpus: Optional[Sequence[int]] = None):  # fmt: skip
     """(model, tokenizer) from an HF folder, a GGUF file (dequantized) or a hub id (the usual cache);
-    ``load_in`` int8|nf4 quantizes the layers' linear weights while loading (an HF model only)."""
+    ``load_in`` int8|nf4 quantizes the layers' linear weights while loading (an HF model only).
+    ``gpus`` pins the model to these GPUs (a worker's, sweep/workers.py): the first of them, or all of
+    them with ``device_map`` (one of DEVICE_MAPS: accelerate places the layers, each on one GPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if load_in not in LOAD_IN:
@@ -103,19 +140,50 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "au
     except OSError as err:
         raise SelfMergeError(f"cannot load model {source!r}: {str(err).splitlines()[0]}") from None
     architectures.of_config({"architectures": config.architectures, "model_type": config.model_type})
-    target = resolve_device(device)
+    target = resolve_device(device if not gpus else f"cuda:{gpus[0]}")
+    if target.type == "cuda" and gpus:  # what asks for "cuda" without an index lands on this worker's GPU too
+        torch.cuda.set_device(target)
+    spread = _spread(device_map, gpus, target)
     if Path(where).exists():  # a hub id's files are fetched by from_pretrained; its size is checked by it
-        check_fits(source if "gguf_file" in kwargs else where, dtype, load_in, target)
+        fits = (sum(spread.values()) / (1 - GPU_RESERVE), f"GPUs {', '.join(map(str, spread))}") if spread else ()
+        check_fits(source if "gguf_file" in kwargs else where, dtype, load_in, target, *fits)
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if load_in != "none":  # bitsandbytes places weights as it quantizes them; the model is not moved after
         kwargs.update(quantization_config=_quantization_config(load_in, dtype), device_map={"": target})
+    if spread:  # accelerate places each layer on one of the GPUs and hooks it to move its inputs there
+        kwargs.update(device_map=device_map, max_memory=spread)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    if load_in == "none":
+    if spread:
+        check_on_gpus(getattr(model, "hf_device_map", None) or {"": target.index}, list(spread))
+    elif load_in == "none":
         model.to(target)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def _gpu_index(device) -> Optional[int]:
+    """A GPU as accelerate's device maps name it (0, "cuda:0", a torch.device), else None."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    if isinstance(device, str) and device.startswith("cuda"):
+        device = torch.device(device)
+    return device.index or 0 if isinstance(device, torch.device) and device.type == "cuda" else None
+
+
+def _spread(device_map: Optional[str], gpus: Optional[Sequence[int]], target: torch.device) -> dict[int, int]:
+    """accelerate's max_memory for ``device_map`` over ``gpus`` (default: every visible GPU); {} without one."""
+    if not device_map:
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise SelfMergeError(f"backend.device_map={device_map!r} is unknown; choose one of {list(DEVICE_MAPS)}")
+    if target.type != "cuda":
+        raise SelfMergeError(
+            f"backend.device_map={device_map} spreads the model over GPUs, but the device is {target}"
+        )
+    gpus = list(gpus or range(torch.cuda.device_count()))
+    return max_memory(gpus, {gpu: _free_bytes(torch.device("cuda", gpu)) for gpu in gpus})
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -124,7 +192,24 @@ def _shallow(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)
     clone._modules = dict(module._modules)
     clone.__dict__.pop("_compiled_call", None)  # transformers' compiled forward of the original, bound to it
+    if "_hf_hook" in module.__dict__:  # accelerate's forward is bound to the original: bind one to the copy
+        _hook_copy(clone, module.__dict__["_hf_hook"])
     return clone
+
+
+def _hook_copy(clone: nn.Module, hook) -> None:
+    """accelerate's hook (``add_hook_to_module``) around the copy's own forward: inputs moved to the
+    layer's GPU before, outputs handled by the hook after. The hook object is shared: it holds the
+    layer's device, nothing per call. ``init_hook`` is not run again: it would place the weights, which
+    are placed already and shared with the original."""
+    forward = type(clone).forward.__get__(clone)
+
+    def hooked(*args, **kwargs):
+        args, kwargs = hook.pre_forward(clone, *args, **kwargs)
+        return hook.post_forward(clone, forward(*args, **kwargs))
+
+    hooked = functools.update_wrapper(hooked, forward)  # its signature is the layer's (callers inspect it)
+    clone.__dict__.update(_hf_hook=hook, _old_forward=forward, forward=hooked)
 
 
 def _layer_at(layer: nn.Module, position: int) -> nn.Module:

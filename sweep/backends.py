@@ -128,7 +128,7 @@ class TorchBackend:
     writes_files = False
 
     def __init__(self, source: Path | dict[str, Path], config: BackendConfig,
-                 base_source: Optional[str] = None) -> None:  # fmt: skip
+                 base_source: Optional[str] = None, gpus: Optional[tuple[int, ...]] = None) -> None:  # fmt: skip
         from merge_core.torch_merge import load_causal_lm
 
         from evals.torch_model import compiled_layer_fn, run_layer
@@ -136,8 +136,10 @@ class TorchBackend:
         self.source, self.config, self.base_source = source, config, base_source
         sources = source if isinstance(source, dict) else {"": source}
         check_sources(sources)  # before loading anything
-        # every source loaded once, its layers shared by every plan; model.base (else the first) is the base
-        loaded = {name: load_causal_lm(path, config.dtype, config.device, config.load_in) for name, path in sources.items()}
+        # every source loaded once, its layers shared by every plan; model.base (else the first) is the base;
+        # on this worker's GPUs (sweep.gpus), spread over them with backend.device_map
+        loaded = {name: load_causal_lm(path, config.dtype, config.device, config.load_in, config.device_map, gpus)
+                  for name, path in sources.items()}  # fmt: skip
         self.models = {name: model for name, (model, _) in loaded.items()}
         self.base, self.tokenizer = loaded[base_source or next(iter(loaded))]
         self.layer_fn = compiled_layer_fn() if config.compile else run_layer
@@ -166,19 +168,20 @@ class TorchBackend:
         return 0
 
 
-BACKENDS = {  # backend.kind -> how to make it from (source, config, work_dir, base_source)
-    "llama_cpp": LlamaCppBackend,
-    "torch": lambda source, config, work_dir, base_source: TorchBackend(source, config, base_source),
+BACKENDS = {  # backend.kind -> how to make it from (source, config, work_dir, base_source, gpus)
+    "llama_cpp": lambda source, config, work_dir, base, gpus: LlamaCppBackend(source, config, work_dir, base),
+    "torch": lambda source, config, work_dir, base, gpus: TorchBackend(source, config, base, gpus),
 }
 
 
 def make_backend(model: str | dict[str, str], config: BackendConfig, work_dir: Path,
-                 base_source: Optional[str] = None) -> Backend:  # fmt: skip
+                 base_source: Optional[str] = None, gpus: Optional[tuple[int, ...]] = None) -> Backend:  # fmt: skip
     """The backend for ``model``: one model's path, or several sources by name (model.sources; the first
-    is scored as the base), ``base_source`` (model.base) giving every tensor outside the layers."""
+    is scored as the base), ``base_source`` (model.base) giving every tensor outside the layers, on the
+    worker's ``gpus`` (sweep.gpus; None: backend.device)."""
     if config.kind not in BACKENDS:
         raise SelfMergeError(f"unknown backend {config.kind!r}; choose one of {list(BACKENDS)}")
     if isinstance(model, dict):
         sources = {name: resolve_model_source(path) for name, path in model.items()}
-        return BACKENDS[config.kind](sources, config, work_dir, base_source)
-    return BACKENDS[config.kind](resolve_model_source(model), config, work_dir, base_source)
+        return BACKENDS[config.kind](sources, config, work_dir, base_source, gpus)
+    return BACKENDS[config.kind](resolve_model_source(model), config, work_dir, base_source, gpus)

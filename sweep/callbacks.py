@@ -95,18 +95,22 @@ class KeepBest:
 
 
 class WriteLeaderboard:
-    """At most every ``LEADERBOARD_SECONDS``: rebuilding it reads every trial. ``flush`` writes it now."""
+    """At most every ``LEADERBOARD_SECONDS``, and at most a tenth of the time: rebuilding it reads every
+    trial (0.5 s at 20,000 trials on 2 cores, which every 5 s was a fifth of a fast sweep's bookkeeping).
+    ``flush`` writes it now."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory, self.written = directory, 0.0
+        self.directory, self.written, self.took = directory, 0.0, 0.0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if time.monotonic() - self.written >= LEADERBOARD_SECONDS:
+        if time.monotonic() - self.written >= max(LEADERBOARD_SECONDS, 10 * self.took):
             self.flush(study)
 
     def flush(self, study: optuna.Study) -> None:
+        start = time.monotonic()
         write_leaderboard(study, self.directory)
         self.written = time.monotonic()
+        self.took = self.written - start
 
 
 def outcome(trial: FrozenTrial) -> str:

@@ -38,49 +38,40 @@ def _quiet_optuna() -> None:
 
 # -- sweep ------------------------------------------------------------------------------------
 def cmd_sweep(overrides: list[str]) -> None:
-    """A Hydra app, so multirun and launchers (-m hydra/launcher=joblib) work as in any Hydra app."""
-    import shutil
-
+    """A Hydra app, so multirun and launchers (-m hydra/launcher=joblib) work as in any Hydra app.
+    ``sweep.workers`` / ``sweep.gpus`` start one worker process each here (sweep/workers.py); when
+    they have ended this process validates (sweep.validate) and prints the leaderboard once."""
     import hydra
 
+    from sweep import workers
     from sweep.config import CONF_DIR, compose, load_config
-    from sweep.records import leaderboard_frame
-    from sweep.runner import StopSweep, Sweep
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg) -> None:
-        _quiet_optuna()
-        sweep = None
-        try:
-            config = load_config(cfg)
-            sweep = Sweep(config)
-            study = sweep.run()
-            sweep.validate(study)
-            print_leaderboard(leaderboard_frame(study, config.sweep.directory), top=10)
-            print(f"leaderboard: {config.sweep.directory / 'leaderboard.csv'}")
-        except SelfMergeError as err:
-            if fresh is not None and (sweep is None or not sweep.started):  # refused: leave no folder behind
-                shutil.rmtree(fresh, ignore_errors=True)
-            _fail(str(err))
-        except StopSweep as stop:
-            print(f"selfmerge: {stop.message}", file=sys.stderr)
-            sys.exit(stop.status)
-        except KeyboardInterrupt:
-            print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
-            sys.exit(130)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        config = _checked(load_config, cfg)
+        if config.sweep.worker is None and HydraConfig.get().mode == RunMode.MULTIRUN:  # -m: job i is worker i
+            config = _with_worker(config, HydraConfig.get().job.num)
+        # one of the workers `_launch` started: it validates and prints the leaderboard once they have ended
+        launched = config.sweep.worker is not None and HydraConfig.get().mode != RunMode.MULTIRUN
+        _run_sweep(config, fresh=fresh, quiet=launched)
 
     overrides = [_storage_alias(o) for o in overrides]
     fresh = None  # the sweep's folder, when this run creates it (removed again if the sweep is refused)
     if not {"-m", "--multirun"} & set(overrides):  # a multirun's sweep values (a=1,2) are checked per job
-        try:  # check overrides and values first: Hydra reports over several lines, and makes the run folder
-            directory = load_config(compose([o for o in overrides if not o.startswith("-")])).sweep.directory
-        except SelfMergeError as err:
-            _fail(str(err))
+        # check overrides and values first: Hydra reports over several lines, and makes the run folder
+        config = _checked(lambda: load_config(compose([o for o in overrides if not o.startswith("-")])))
+        directory, run = config.sweep.directory, config.sweep
+        groups = _checked(workers.groups, run)
         fresh = None if directory.exists() else directory
         try:  # made here, so an unusable results_dir is one line, not Hydra's traceback
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             _fail(f"cannot create the sweep folder {directory} (sweep.results_dir): {err.strerror}")
+        if run.worker is None and workers.n_workers(run.workers, groups) > 1:
+            return _launch(config, overrides, workers.n_workers(run.workers, groups), groups, fresh)
     flags = [o for o in overrides if o in ("-m", "--multirun")]  # Hydra reads flags before overrides only
     sys.argv = ["selfmerge", *flags, *[o for o in overrides if o not in flags]]
     try:
@@ -88,6 +79,77 @@ def cmd_sweep(overrides: list[str]) -> None:
     except SystemExit as exit_:
         # Hydra reports a bad override or config on one line and exits 1: that is bad input.
         sys.exit(USAGE_ERROR if exit_.code == 1 else exit_.code)
+
+
+def _launch(config, overrides: list[str], count: int, groups: list[tuple[int, ...]], fresh: Path | None) -> None:
+    """The workers of ``sweep.workers``/``sweep.gpus``; once all have ended, validation and the
+    leaderboard, once. Exits with the first failed worker's status (0 if none failed)."""
+    from sweep import workers
+
+    on = f", GPUs {' | '.join(','.join(map(str, g)) for g in groups)}" if groups else ""
+    print(f"selfmerge: {count} workers on sweep {config.sweep.name}{on}", file=sys.stderr)
+    statuses = workers.launch(overrides, count)
+    status = workers.exit_status(statuses)
+    if all(statuses.values()):  # none got anywhere (each said why): nothing to show
+        if fresh is not None and not (fresh / "study.json").exists():  # no base scored: no sweep started
+            shutil.rmtree(fresh, ignore_errors=True)
+        sys.exit(status)
+    for worker, code in statuses.items():
+        if code != 0:
+            how = f"was killed (signal {-code})" if code < 0 else f"exited with status {code}"
+            print(f"selfmerge: worker {worker} {how}; the study keeps what all workers finished", file=sys.stderr)
+    _run_sweep(_with_worker(config, 0), fresh=None, search=False)
+    sys.exit(status)
+
+
+def _checked(function, *args):
+    """``function(*args)``, a SelfMergeError printed as one line (exit 2)."""
+    try:
+        return function(*args)
+    except SelfMergeError as err:
+        _fail(str(err))
+
+
+def _with_worker(config, worker: int):
+    import dataclasses
+
+    run = dataclasses.replace(config.sweep, worker=worker, progress=config.sweep.progress and worker == 0)
+    return dataclasses.replace(config, sweep=run)
+
+
+def _run_sweep(config, fresh: Path | None, quiet: bool = False, search: bool = True) -> None:
+    """One worker's sweep (``search``), then validation and the leaderboard unless ``quiet`` (a worker
+    ``cmd_sweep`` started: it does them once they are all done, with ``search`` off; the model is
+    loaded then only if there is something to validate)."""
+    from sweep import validation
+    from sweep.records import leaderboard_frame
+    from sweep.runner import StopSweep, Sweep
+    from sweep.study import load_study
+
+    _quiet_optuna()
+    sweep = None
+    try:
+        if search:
+            sweep = Sweep(config)
+            study = sweep.run()
+        else:
+            study = load_study(config.storage_url, config.sweep.name)
+            sweep = Sweep(config) if validation.configured(config)[0] else None
+        if not quiet:
+            if sweep is not None:
+                sweep.validate(study)
+            print_leaderboard(leaderboard_frame(study, config.sweep.directory), top=10)
+            print(f"leaderboard: {config.sweep.directory / 'leaderboard.csv'}")
+    except SelfMergeError as err:
+        if fresh is not None and (sweep is None or not sweep.started):  # refused: leave no folder behind
+            shutil.rmtree(fresh, ignore_errors=True)
+        _fail(str(err))
+    except StopSweep as stop:
+        print(f"selfmerge: {stop.message}", file=sys.stderr)
+        sys.exit(stop.status)
+    except KeyboardInterrupt:
+        print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def _storage_alias(override: str) -> str:

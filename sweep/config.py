@@ -74,6 +74,7 @@ class BackendConfig:
     batch_windows: int = 8  # torch: perplexity windows per forward pass
     compile: bool = False  # torch: torch.compile the decoder layer for perplexity (GPU: ~15% faster after a one-off compile)
     gen_batch: int = 0  # torch: replies generated at once (EQ-Bench generate mode); 0 = as many as half the free GPU memory holds
+    device_map: Optional[str] = None  # torch: auto | balanced | sequential: the base over the worker's GPUs (accelerate)
 
     def __post_init__(self) -> None:
         from merge_core.gguf_convert import OUT_TYPES
@@ -94,6 +95,14 @@ class BackendConfig:
             raise SelfMergeError(f"backend.gen_batch={self.gen_batch} is out of range: must be >= 0 (0 = from free memory)")
         if self.batch_windows < 1:
             raise SelfMergeError(f"backend.batch_windows={self.batch_windows} is out of range: must be >= 1")
+        if self.device_map is not None:
+            from merge_core.torch_merge import DEVICE_MAPS
+
+            key = f"backend.device_map={self.device_map!r}"
+            if self.device_map not in DEVICE_MAPS:
+                raise SelfMergeError(f"{key} is unknown; choose one of {list(DEVICE_MAPS)}")
+            if self.kind != "torch":
+                raise SelfMergeError(f"{key} needs backend=torch (llama.cpp places no layers here)")
 
     def scoring(self) -> dict:
         """What changes a score (a resumed sweep must match it): not the device or batch size."""
@@ -230,6 +239,10 @@ class RunConfig:
     enqueue: tuple[str, ...] = ()  # plans to score first: "0-16,8-30" or a mergekit YAML file
     max_repeats_in_a_row: int = 20  # proposals of scored plans in a row before an unscored plan is drawn
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
+    workers: Optional[int] = None  # local worker processes on this study; None = one per GPU group, else 1
+    gpus: Any = None  # None (backend.device) | "all" | a count | [0, 2]: workers pinned to their own (sweep/workers.py)
+    gpus_per_worker: int = 1  # each worker's GPU group; with backend.device_map its model spreads over them
+    worker: Optional[int] = None  # this worker's number (set by sweep.workers' launcher, or a multirun's job number)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -240,8 +253,19 @@ class RunConfig:
             raise SelfMergeError(f"sweep.max_repeats_in_a_row={self.max_repeats_in_a_row} is out of range: must be >= 1")
         if self.keep_top_k < 0:
             raise SelfMergeError(f"sweep.keep_top_k={self.keep_top_k} is out of range: must be >= 0")
+        if self.workers is not None and self.workers < 1:
+            raise SelfMergeError(f"sweep.workers={self.workers} is out of range: must be >= 1")
+        if self.gpus_per_worker < 1:
+            raise SelfMergeError(f"sweep.gpus_per_worker={self.gpus_per_worker} is out of range: must be >= 1")
+        if self.worker is not None and self.worker < 0:
+            raise SelfMergeError(f"sweep.worker={self.worker} is out of range: must be >= 0")
         parse_duration(self.timeout)
         parse_size(self.disk_budget, "sweep.disk_budget")
+
+    @property
+    def sampler_seed(self) -> int:
+        """Worker i samples with seed + i: workers of one study started with one seed spread out."""
+        return self.seed + (self.worker or 0)
 
     @property
     def timeout_seconds(self) -> Optional[float]:
@@ -272,6 +296,11 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals
+        if self.sweep.gpus is not None and self.backend.kind != "torch":
+            raise SelfMergeError(
+                f"sweep.gpus={self.sweep.gpus} pins workers to GPUs for backend=torch; backend="
+                f"{self.backend.kind} runs on the CPU here: use sweep.workers=N for several workers"
+            )
 
     @functools.cached_property  # parsed once: the runner ranks trials by it after each one
     def objectives(self) -> list[tuple[str, str]]:

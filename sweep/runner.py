@@ -34,7 +34,7 @@ from evals.registry import EVALS
 from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan
-from sweep import callbacks, validation
+from sweep import callbacks, validation, workers
 from sweep.backends import Backend, make_backend
 from sweep.config import SweepConfig
 from sweep.heartbeat import fail_stale_trials, trial_heartbeat
@@ -158,14 +158,18 @@ class Sweep:
         self.config, self.work_type = config, work_type
         self.directory = config.sweep.directory
         self.journal = is_journal(config.storage_url)
+        self.gpus = workers.gpus_of(config.sweep.worker, workers.groups(config.sweep))  # None: backend.device
+        if self.gpus is not None:
+            log.info("worker %d on GPU %s", config.sweep.worker or 0, ", ".join(map(str, self.gpus)))
         self.backend: Backend = make_backend(
-            config.model.source, config.backend, self.directory, config.model.base or None
+            config.model.source, config.backend, self.directory, config.model.base or None, self.gpus
         )
         self.shape = self.backend.shape
         self.space = build_space(config.space_kind, self.shape, config.space, tuple(config.model.sources))
         self.enqueue = [plan_to_enqueue(e, self.space, self.shape, config.space_kind) for e in config.sweep.enqueue]
-        self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.seed, config.sampler.n_startup_trials,
-                                    config.sampler.window, config.directions[0] == "minimize")  # fmt: skip
+        self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.sampler_seed,
+                                    config.sampler.n_startup_trials, config.sampler.window,
+                                    config.directions[0] == "minimize")  # fmt: skip
         self.pruner = BaseRatioPruner(config.prune.max_ppl_ratio) if config.prune.max_ppl_ratio else None
         run = config.sweep
         self.store = ModelStore(self.directory, run.keep_top_k, run.disk_budget_bytes, run.disk_budget,
@@ -334,7 +338,7 @@ class Sweep:
         env = TrialEnv(self.space, self.store, twins, build_and_score, early_stop, config.objective_names, index)
         bar = tqdm(total=run.n_trials, initial=index.n_done, desc=f"sweep {run.name}", unit="plan",
                    disable=not run.progress, dynamic_ncols=True)  # fmt: skip
-        draw = callbacks.DrawUnscored(index, self.space, config.space_kind, run.max_repeats_in_a_row, run.seed)
+        draw = callbacks.DrawUnscored(index, self.space, config.space_kind, run.max_repeats_in_a_row, run.sampler_seed)
         leaderboard = callbacks.WriteLeaderboard(self.directory)
         after_trial = [
             callbacks.WriteRecord(self.directory),

@@ -52,7 +52,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
             if url.startswith("sqlite:///"):
-                _write_ahead_log(storage)
+                _sqlite_settings(storage)
             return storage
         except ImportError as err:  # no driver for this URL: trying again will not help
             raise SelfMergeError(f"cannot open storage {url}: {str(err).splitlines()[0]}") from None
@@ -69,21 +69,32 @@ def _differences(stored, wanted, prefix: str = "") -> list[str]:
     return [] if stored == wanted else [f"{prefix.rstrip('.')} was {stored}, now {wanted}"]
 
 
-def _write_ahead_log(storage: RDBStorage) -> None:
+def _sqlite_settings(storage: RDBStorage) -> None:
     """SQLite in WAL mode: readers (a report, optuna-dashboard, another worker) no longer block the
     writer, and a commit costs one sync instead of a rollback journal's several (a trial's dozen
     attribute writes: 39 -> 28 ms a trial here). ``synchronous=FULL`` keeps every commit durable
-    through a power cut. The mode stays with the file; each connection sets the sync level."""
+    through a power cut. The mode stays with the file; each connection sets the sync level.
+
+    Every transaction is ``BEGIN IMMEDIATE``: Python's sqlite3 begins one only at the first write,
+    so two workers could both read a WAITING trial (an enqueued plan, a retry) and both take it, as
+    Optuna's check-then-set in ``set_trial_state_values`` is one read and one write. With 8 workers
+    on one file, 1-2 of them died on "Cannot tell a COMPLETE trial" in every run; with the write lock
+    taken first, none did (benchmarks/distributed_overhead.py, README)."""
     from sqlalchemy import event
 
     @event.listens_for(storage.engine, "connect")
     def _pragmas(connection, record) -> None:
+        connection.isolation_level = None  # no implicit BEGIN: ``_begin`` says which
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
-    storage.engine.dispose()  # connections made before the listener reconnect with it
+    @event.listens_for(storage.engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    storage.engine.dispose()  # connections made before the listeners reconnect with them
 
 
 def open_sweep_study(config: SweepConfig, sampler: optuna.samplers.BaseSampler,

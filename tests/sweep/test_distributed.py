@@ -112,3 +112,25 @@ def test_joblib_launcher_runs_three_local_workers_on_one_sweep(tmp_path, wikitex
     assert len({t.user_attrs["worker"] for t in finished}) >= 2  # the jobs ran side by side
     board = run_cli("leaderboard", str(tmp_path / "pool"), cwd=tmp_path, check=True)
     assert "base" in board.stdout
+
+
+@pytest.mark.slow
+def test_eight_workers_on_one_sqlite_file_never_run_one_trial_twice(tmp_path):
+    """SQLite under the most load one host gives it: 8 workers whose evaluations take no time, all
+    popping the same enqueued plans. Without BEGIN IMMEDIATE (sweep/study.py) two workers could both
+    take one WAITING trial, and the second died on telling a finished trial (2 of 8 workers here)."""
+    url, evaluations = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "evaluations"
+    evaluations.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(DRIVER), url, str(tmp_path / f"worker{i}"), "busy", "150",
+                               str(evaluations), str(i), "0"], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(8)]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    trials = load_study(url, "busy").get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 8
+    evaluated = Counter(marker.name.split("@")[0] for marker in evaluations.iterdir())
+    assert max(evaluated.values()) == 1, evaluated.most_common(3)  # no plan evaluated twice
+    assert sum("cache_hit_of" not in t.user_attrs for t in trials) == sum(evaluated.values())
