@@ -58,7 +58,7 @@ class LlamaCppModel:
         path = Path(path)
         if not path.is_file():
             raise SelfMergeError(f"model file not found: {path}")
-        threads = threads or os.cpu_count() or 1
+        threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores it may use (sweep.workers splits them)
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),

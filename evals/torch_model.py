@@ -85,6 +85,8 @@ class TorchModel:
         self.device = model.get_input_embeddings().weight.device  # a base spread over GPUs starts on the first
         # Gemma 3's rotary embedding takes the layer kind (sliding/global: RoPE bases 10k and 1M)
         self._rotary_per_kind = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
+        # transformers 5.x renamed the forward's cache argument (past_key_values warns, then goes in 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._cache = None  # KV cache of next_token_logprobs, and the tokens it holds
         self._cached: list[int] = []
 
@@ -228,12 +230,10 @@ class TorchModel:
         causal = torch.ones(width, total, dtype=torch.bool, device=self.device).tril()
         own = torch.eye(width, total, dtype=torch.bool, device=self.device)
         positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        accepts = inspect.signature(self.model.forward).parameters  # transformers renamed the cache's argument
-        cache_arg = "cache" if "cache" in accepts else "past_key_values"
         position_arg = "cache_position" in inspect.signature(self.model.model.forward).parameters
 
         def forward(tokens, mask, pos, cache_position):
-            extra = {cache_arg: cache, **({"cache_position": cache_position} if position_arg else {})}
+            extra = {self._cache_arg: cache, **({"cache_position": cache_position} if position_arg else {})}
             logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
                                 logits_to_keep=1, **extra).logits[:, -1]  # fmt: skip
             return logits.argmax(-1, keepdim=True).to(self.device)  # the head may be on another GPU (device_map)
@@ -278,7 +278,8 @@ class TorchModel:
             self._cache.crop(keep - self._cache.get_seq_length())  # negative: drop that many from the end
         ids = torch.tensor([list(tokens[keep:])], device=self.device)
         positions = torch.arange(keep, len(tokens), device=self.device).unsqueeze(0)
-        logits = self.model(input_ids=ids, past_key_values=self._cache, position_ids=positions, use_cache=True, logits_to_keep=1).logits
+        logits = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                            **{self._cache_arg: self._cache}).logits  # fmt: skip
         self._cached = list(tokens)
         return torch.log_softmax(logits[0, -1].double(), dim=-1).cpu().numpy()
 

@@ -199,9 +199,9 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 def _hook_copy(clone: nn.Module, hook) -> None:
     """accelerate's hook (``add_hook_to_module``) around the copy's own forward: inputs moved to the
-    layer's GPU before, outputs handled by the hook after. The hook object is shared: it holds the
-    layer's device, nothing per call. ``init_hook`` is not run again: it would place the weights, which
-    are placed already and shared with the original."""
+    layer's GPU before, outputs handled by the hook after. The hook object is shared with the original:
+    it holds the layer's device, and what it keeps from one call's start to its end is set anew each
+    call. ``init_hook`` is not run again: it would place the weights, placed already and shared."""
     forward = type(clone).forward.__get__(clone)
 
     def hooked(*args, **kwargs):

@@ -88,7 +88,7 @@ def _launch(config, overrides: list[str], count: int, groups: list[tuple[int, ..
 
     on = f", GPUs {' | '.join(','.join(map(str, g)) for g in groups)}" if groups else ""
     print(f"selfmerge: {count} workers on sweep {config.sweep.name}{on}", file=sys.stderr)
-    statuses = workers.launch(overrides, count)
+    statuses = workers.launch(overrides, count, split_cores=not groups)
     status = workers.exit_status(statuses)
     if all(statuses.values()):  # none got anywhere (each said why): nothing to show
         if fresh is not None and not (fresh / "study.json").exists():  # no base scored: no sweep started

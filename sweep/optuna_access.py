@@ -8,7 +8,6 @@ the one module to change.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from typing import Any, Union
 
@@ -88,7 +87,7 @@ class _WindowedStudy:
 
     def __init__(self, study: optuna.Study, window: "_Window", only_new: set[int] | None = None) -> None:
         self._study, self._window, self._only_new = study, window, only_new
-        self._read: dict[tuple, list[FrozenTrial]] = {}
+        self._read: dict[Any, list[FrozenTrial]] = {}  # by deepcopy: the window; by (deepcopy, states)
 
     def new_trials_only(self, seen: set[int]) -> "_WindowedStudy":
         """The same view, each query answered with the trials not in ``seen`` (which it then joins)."""
@@ -100,10 +99,15 @@ class _WindowedStudy:
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
+        """One storage read per ask: every trial, from which the window is chosen; then each query's
+        ``states`` picked from the window once."""
         key = (deepcopy, tuple(states) if states is not None else None)
         if key not in self._read:
-            trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-            self._read[key] = self._window.select(trials)
+            if deepcopy not in self._read:
+                trials = self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache)
+                self._read[deepcopy] = self._window.select(trials)
+            chosen = self._read[deepcopy]
+            self._read[key] = chosen if states is None else [t for t in chosen if t.state in states]
         if self._only_new is None:
             return self._read[key]
         new = [trial for trial in self._read[key] if trial.number not in self._only_new]
@@ -116,25 +120,33 @@ class _WindowedStudy:
 
 class _Window:
     """The best ``size`` finished trials by the first objective, kept in a heap as trials finish, and
-    the latest ``size`` trials; running ones always (TPE's constant liar needs them)."""
+    the latest ``size`` trials; running ones always (TPE's constant liar needs them). ``select`` takes
+    every trial of the study (trial n at position n) and looks only at those new since the last call
+    and those that were not finished then (another worker's may finish after later ones)."""
 
     def __init__(self, size: int, minimize: bool) -> None:
         self.size, self.sign = size, 1.0 if minimize else -1.0
         self._best: list[tuple[float, int]] = []  # max-heap of the best, as (-sign * value, number)
-        self._seen = -1  # trials up to this number are in the heap if they belong there
+        self._next = 0  # trials from this number on were not looked at yet
+        self._open: set[int] = set()  # looked at, not finished then
 
     def select(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
         if len(trials) <= 2 * self.size:
             return trials
-        numbers = [t.number for t in trials]
-        for trial in trials[bisect.bisect_right(numbers, self._seen) :]:
-            if trial.state == TrialState.COMPLETE and trial.values:
-                item = (-self.sign * trial.values[0], trial.number)
+        if trials[-1].number != len(trials) - 1:  # not a whole study: the positions are not the numbers
+            raise ValueError("the window selects from every trial of one study")
+        pending, self._open = [*sorted(self._open), *range(self._next, len(trials))], set()
+        for number in pending:
+            trial = trials[number]
+            if not trial.state.is_finished():
+                self._open.add(number)
+            elif trial.state == TrialState.COMPLETE and trial.values:
+                item = (-self.sign * trial.values[0], number)
                 (heapq.heappush if len(self._best) < self.size else heapq.heappushpop)(self._best, item)
-            self._seen = max(self._seen, trial.number) if trial.state.is_finished() else self._seen
-        keep = {number for _, number in self._best} | set(numbers[-self.size :])
-        keep |= {t.number for t in trials if t.state == TrialState.RUNNING}
-        return [t for t in trials if t.number in keep]
+        self._next = len(trials)
+        keep = {number for _, number in self._best} | set(range(len(trials) - self.size, len(trials)))
+        keep |= {number for number in self._open if trials[number].state == TrialState.RUNNING}
+        return [trials[number] for number in sorted(keep)]
 
 
 class WindowedSampler(optuna.samplers.BaseSampler):

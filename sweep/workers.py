@@ -5,7 +5,7 @@
 failed by the heartbeat and retried by another). ``sweep.gpus`` (``all``, a count, or a list of
 indices) is split into groups of ``sweep.gpus_per_worker``; worker ``i`` runs on group ``i mod
 groups``: its model on the group's first GPU, or spread over the group with ``backend.device_map``.
-``sweep.workers`` defaults to one worker per group.
+``sweep.workers`` defaults to one worker per group; workers without GPUs split the CPU cores.
 
 ``launch`` starts each worker as ``selfmerge sweep ... sweep.worker=i``, a process of its own: one
 that dies (an OOM kill) leaves the others running, which a joblib pool would not (it stops every job
@@ -15,6 +15,7 @@ the same pinning: its job number is the worker.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -87,15 +88,20 @@ def gpus_of(worker: Optional[int], groups: Sequence[tuple[int, ...]]) -> Optiona
     return groups[(worker or 0) % len(groups)]
 
 
-def launch(overrides: Sequence[str], count: int) -> dict[int, int]:
+def launch(overrides: Sequence[str], count: int, split_cores: bool = False) -> dict[int, int]:
     """Run ``count`` workers of this sweep, ``selfmerge sweep OVERRIDES sweep.worker=i``, until all
     have ended: {worker: exit status}. They run in sessions of their own, so a Ctrl-C or SIGTERM
     reaches them once, from here: each then stops as a sweep does (after, or failing and retrying,
-    its running trial)."""
+    its running trial). ``split_cores`` (workers on the CPU): worker i may use cores i, i + count, ...
+    (llama.cpp and torch then run that many threads, not every core each)."""
     command = [sys.executable, "-m", "sweep.cli", "sweep", *overrides]
+    cores = sorted(os.sched_getaffinity(0))
+    shares = [cores[i::count] if split_cores and len(cores) >= count else None for i in range(count)]
     procs = {
-        i: subprocess.Popen([*command, f"sweep.worker={i}"], start_new_session=True) for i in range(count)
-    }
+        i: subprocess.Popen([*command, f"sweep.worker={i}"], start_new_session=True,
+                            preexec_fn=(lambda share=share: os.sched_setaffinity(0, share)) if share else None)
+        for i, share in enumerate(shares)
+    }  # fmt: skip
 
     def pass_on(signum, frame) -> None:
         for proc in procs.values():

@@ -181,10 +181,34 @@ def test_windowed_tpe_sees_the_best_and_the_latest_trials():
     assert 0 <= trial.suggest_int("y", 0, 9) <= 9
     assert len(reads) == len(set(map(str, reads))) <= 3  # each query read once for the whole ask
     # the grouped search space is shown each trial once, and comes out as if shown the whole window
-    assert sampler._in_search_space == numbers
+    window = sampler._view(study, trial)._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert sampler._in_search_space == {t.number for t in window}
+    assert numbers - sampler._in_search_space <= {2200}  # the running trial pushed the oldest out of the latest
     whole = optuna.samplers.TPESampler(multivariate=True, group=True).infer_relative_search_space(
         WindowedSampler(None, 300, True)._view(study, trial), trial)  # fmt: skip
     assert sampler.infer_relative_search_space(study, study.ask()) == whole == {"x": IntDistribution(0, 100)}
+
+
+def test_a_trial_that_finishes_after_later_ones_still_joins_the_best():
+    """Another worker's trial may run while later ones finish: the window looks at it again until it
+    finishes (it used to skip past it for good, so a best plan found that way was out of TPE's view)."""
+    from optuna.distributions import IntDistribution
+
+    from sweep.optuna_access import _Window
+
+    study, x = optuna.create_study(), {"x": IntDistribution(0, 100)}
+    bad = lambda n: [optuna.trial.create_trial(value=50.0 + i, params={"x": i}, distributions=x) for i in range(n)]  # noqa: E731
+    study.add_trials(bad(10))
+    slow = study.ask()  # trial 10, running while 10 more finish
+    study.add_trials(bad(10))
+    window = _Window(3, minimize=True)
+    first = window.select(study.get_trials(deepcopy=False))
+    assert slow.number in {t.number for t in first}  # running: kept for the constant liar
+    study.tell(slow, 1.0)  # the best of all, once it finishes
+    study.add_trials(bad(5))
+    chosen = {t.number for t in window.select(study.get_trials(deepcopy=False))}
+    assert slow.number in chosen and chosen >= {23, 24, 25}
+    assert len(chosen) <= 6
 
 
 def test_a_record_is_written_in_one_commit(tmp_path):
