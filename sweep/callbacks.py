@@ -96,8 +96,8 @@ class KeepBest:
 
 class WriteLeaderboard:
     """At most every ``LEADERBOARD_SECONDS``, and at most a tenth of the time: rebuilding it reads every
-    trial (0.5 s at 20,000 trials on 2 cores, which every 5 s was a fifth of a fast sweep's bookkeeping).
-    ``flush`` writes it now."""
+    trial (0.5 s at 20,000 trials on 2 cores; every 5 s, it was a seventh of a fast sweep's bookkeeping
+    in a profile). ``flush`` writes it now."""
 
     def __init__(self, directory: Path) -> None:
         self.directory, self.written, self.took = directory, 0.0, 0.0
