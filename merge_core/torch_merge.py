@@ -143,20 +143,20 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "au
     target = resolve_device(device if not gpus else f"cuda:{gpus[0]}")
     if target.type == "cuda" and gpus:  # what asks for "cuda" without an index lands on this worker's GPU too
         torch.cuda.set_device(target)
-    spread = _spread(device_map, gpus, target)
+    free = _free_on_gpus(device_map, gpus, target)  # {} unless device_map spreads the base
     if Path(where).exists():  # a hub id's files are fetched by from_pretrained; its size is checked by it
-        fits = (sum(spread.values()) / (1 - GPU_RESERVE), f"GPUs {', '.join(map(str, spread))}") if spread else ()
+        fits = (sum(free.values()), f"GPUs {', '.join(map(str, free))}") if free else ()
         check_fits(source if "gguf_file" in kwargs else where, dtype, load_in, target, *fits)
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if load_in != "none":  # bitsandbytes places weights as it quantizes them; the model is not moved after
         kwargs.update(quantization_config=_quantization_config(load_in, dtype), device_map={"": target})
-    if spread:  # accelerate places each layer on one of the GPUs and hooks it to move its inputs there
-        kwargs.update(device_map=device_map, max_memory=spread)
+    if free:  # accelerate places each layer on one of the GPUs and hooks it to move its inputs there
+        kwargs.update(device_map=device_map, max_memory=max_memory(list(free), free))
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    if spread:
-        check_on_gpus(getattr(model, "hf_device_map", None) or {"": target.index}, list(spread))
+    if free:
+        check_on_gpus(getattr(model, "hf_device_map", None) or {"": target.index}, list(free))
     elif load_in == "none":
         model.to(target)
     model.eval().requires_grad_(False)
@@ -172,8 +172,9 @@ def _gpu_index(device) -> Optional[int]:
     return device.index or 0 if isinstance(device, torch.device) and device.type == "cuda" else None
 
 
-def _spread(device_map: Optional[str], gpus: Optional[Sequence[int]], target: torch.device) -> dict[int, int]:
-    """accelerate's max_memory for ``device_map`` over ``gpus`` (default: every visible GPU); {} without one."""
+def _free_on_gpus(device_map: Optional[str], gpus: Optional[Sequence[int]], target: torch.device) -> dict[int, int]:
+    """Free bytes of each GPU ``device_map`` spreads the base over (``gpus``, default every visible one);
+    {} without a device_map."""
     if not device_map:
         return {}
     if device_map not in DEVICE_MAPS:
@@ -182,8 +183,7 @@ def _spread(device_map: Optional[str], gpus: Optional[Sequence[int]], target: to
         raise SelfMergeError(
             f"backend.device_map={device_map} spreads the model over GPUs, but the device is {target}"
         )
-    gpus = list(gpus or range(torch.cuda.device_count()))
-    return max_memory(gpus, {gpu: _free_bytes(torch.device("cuda", gpu)) for gpu in gpus})
+    return {gpu: _free_bytes(torch.device("cuda", gpu)) for gpu in gpus or range(torch.cuda.device_count())}
 
 
 def _shallow(module: nn.Module) -> nn.Module:

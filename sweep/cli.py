@@ -51,12 +51,12 @@ def cmd_sweep(overrides: list[str]) -> None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        config = _checked(load_config, cfg)
-        if config.sweep.worker is None and HydraConfig.get().mode == RunMode.MULTIRUN:  # -m: job i is worker i
-            config = _with_worker(config, HydraConfig.get().job.num)
+        config, job = _checked(load_config, cfg), HydraConfig.get()
+        multirun = job.mode == RunMode.MULTIRUN
+        if config.sweep.worker is None and multirun:  # -m: job i is worker i
+            config = _with_worker(config, job.job.num)
         # one of the workers `_launch` started: it validates and prints the leaderboard once they have ended
-        launched = config.sweep.worker is not None and HydraConfig.get().mode != RunMode.MULTIRUN
-        _run_sweep(config, fresh=fresh, quiet=launched)
+        _run_sweep(config, fresh=fresh, quiet=config.sweep.worker is not None and not multirun)
 
     overrides = [_storage_alias(o) for o in overrides]
     fresh = None  # the sweep's folder, when this run creates it (removed again if the sweep is refused)
