@@ -2,6 +2,7 @@
 
     python benchmarks/search_efficiency.py landscape   # score every plan of the space once (cached, resumable)
     python benchmarks/search_efficiency.py replay      # replay samplers on the cached scores; table, JSON, plots
+    python benchmarks/search_efficiency.py replay --samplers tpe --window 1000   # one sampler, another window
 
 The landscape: every plan of the ``uniform`` space with ``n_middle`` in [0, 2] on the bundled model,
 scored by a cheap objective (perplexity, one window of 256 tokens of stdlib docstrings). Scores
@@ -29,10 +30,12 @@ from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import bundled_model_path
 from merge_core.model_shape import ModelShape
+from sweep.config import SamplerConfig
 from sweep.prior import prior_plans
 from sweep.spaces import UniformSpaceConfig, build_space
 
 OUT = Path("results/benchmarks")
+KINDS = ("random", "tpe", "tpe+importance", "cmaes", "grid")
 LANDSCAPE = OUT / "landscape.csv"
 SPACE = UniformSpaceConfig(n_middle=(0, 2))
 
@@ -63,7 +66,9 @@ def build_landscape(n_ctx: int, windows: int) -> None:
             start = time.perf_counter()
             path = merge_gguf(base, LayerPlan.parse(text), Path(tmp) / "m.gguf")
             ppl = evaluate(path).ppl
-            writer.writerow([text, LayerPlan.parse(text).n_layers, f"{ppl:.6f}", f"{time.perf_counter() - start:.2f}"])
+            writer.writerow(
+                [text, LayerPlan.parse(text).n_layers, f"{ppl:.6f}", f"{time.perf_counter() - start:.2f}"]
+            )
             f.flush()
             if i % 25 == 0:
                 print(f"{i}/{len(todo)}", flush=True)
@@ -87,12 +92,15 @@ def load_landscape() -> dict[str, float]:
         return {row["plan"]: float(row["ppl"]) for row in csv.DictReader(f)}
 
 
-def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, budget: int, targets: dict[str, set[str]], prior=None):
+def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, budget: int, targets: dict[str, set[str]], prior=None,
+           window: int = SamplerConfig.window):  # fmt: skip
     """Evaluations (distinct plans scored, cache hits free) until each target set is first hit.
     ``prior``: (plan, params) pairs scored first, as space.prior=importance does."""
     from sweep.samplers import make_sampler
 
-    sampler = make_sampler(sampler_kind, space, seed, n_startup_trials=5)  # the sweep default (conf/sampler)
+    sampler = make_sampler(
+        sampler_kind, space, seed, SamplerConfig.n_startup_trials, window
+    )  # the sweep defaults
     study = optuna.create_study(sampler=sampler)
     for _, params in prior or []:
         study.enqueue_trial(params)
@@ -114,7 +122,7 @@ def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, bud
     return reached
 
 
-def run_replay(seeds: int, budget: int) -> None:
+def run_replay(seeds: int, budget: int, kinds: list[str], window: int) -> None:
     space = make_space()
     landscape = load_landscape()
     plans, _ = space.enumerate_plans()
@@ -126,9 +134,10 @@ def run_replay(seeds: int, budget: int) -> None:
     targets = {"best": {ranked[0]}, "top_1pct": set(ranked[: max(1, n // 100)])}
     results = {}
     prior = prior_plans(space, layer_importance(), 5)
-    for kind in ("random", "tpe", "tpe+importance", "cmaes", "grid"):
+    for kind in kinds:
         sampler, _, with_prior = kind.partition("+")
-        runs = [replay(space, landscape, sampler, seed, budget, targets, prior if with_prior else None) for seed in range(seeds)]
+        runs = [replay(space, landscape, sampler, seed, budget, targets, prior if with_prior else None, window)
+                for seed in range(seeds)]  # fmt: skip
         results[kind] = {
             name: {
                 "median_evals": statistics.median([r[name] if r[name] is not None else budget for r in runs]),
@@ -137,18 +146,29 @@ def run_replay(seeds: int, budget: int) -> None:
             }
             for name in targets
         }
-    print(f"space: uniform n_middle [0,2], {n} plans; objective: ppl, 1 window of 256 tokens; {seeds} seeds, budget {budget} evaluations")
+    print(
+        f"space: uniform n_middle [0,2], {n} plans; objective: ppl, 1 window of 256 tokens; {seeds} seeds, budget {budget} evaluations; "
+        f"sampler.window={window}"
+    )
     print(f"best plan {ranked[0]} ppl {landscape[ranked[0]]:.3f}; top 1% = {len(targets['top_1pct'])} plans")
-    print(f"prior's first plans: {[str(p) for p, _ in prior]}; ranks in the landscape: {[ranked.index(str(p)) + 1 for p, _ in prior]}")
+    print(
+        f"prior's first plans: {[str(p) for p, _ in prior]}; ranks in the landscape: {[ranked.index(str(p)) + 1 for p, _ in prior]}"
+    )
     print(f"{'sampler':<16}{'evals to top 1% (median)':>27}{'evals to best (median)':>25}{'best found':>12}")
     for kind, r in results.items():
-        print(f"{kind:<16}{r['top_1pct']['median_evals']:>27}{r['best']['median_evals']:>25}{r['best']['found_in']:>9}/{seeds}")
-    report = {"space": "uniform n_middle [0,2]", "n_plans": n, "seeds": seeds, "budget": budget, "best_plan": ranked[0],
+        print(
+            f"{kind:<16}{r['top_1pct']['median_evals']:>27}{r['best']['median_evals']:>25}{r['best']['found_in']:>9}/{seeds}"
+        )
+    report = {"space": "uniform n_middle [0,2]", "n_plans": n, "seeds": seeds, "budget": budget, "window": window, "best_plan": ranked[0],
               "top_1pct": sorted(targets["top_1pct"]), "samplers": results,
               "prior_plans": [str(p) for p, _ in prior], "prior_plan_ranks": [ranked.index(str(p)) + 1 for p, _ in prior]}  # fmt: skip
-    (OUT / "search_efficiency.json").write_text(json.dumps(report, indent=2))
+    everything = kinds == list(KINDS) and window == SamplerConfig.window
+    out = OUT / (
+        "search_efficiency.json" if everything else f"search_efficiency_{'_'.join(kinds)}_w{window}.json"
+    )
+    out.write_text(json.dumps(report, indent=2))
     plot_landscape(space, landscape, ranked)
-    print(f"wrote {OUT / 'search_efficiency.json'} and {OUT / 'landscape.png'}")
+    print(f"wrote {out} and {OUT / 'landscape.png'}")
 
 
 def plot_landscape(space, landscape: dict[str, float], ranked: list[str]) -> None:
@@ -166,11 +186,22 @@ def plot_landscape(space, landscape: dict[str, float], ranked: list[str]) -> Non
     axes[0, 0].set(xlabel="plan rank", ylabel="perplexity", yscale="log", title="ppl of every plan, sorted")
     for ax, (key, label) in zip(
         [axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]],
-        [("first_size", "first slice size"), ("jump", "backward jump"), ("middle_size", "middle slice size"), ("n_middle", "middle slices")],
+        [
+            ("first_size", "first slice size"),
+            ("jump", "backward jump"),
+            ("middle_size", "middle slice size"),
+            ("n_middle", "middle slices"),
+        ],
     ):
         ax.scatter([p[key] for p, _, _ in rows], [v for _, _, v in rows], s=6, alpha=0.4)
         ax.set(xlabel=label, ylabel="perplexity", yscale="log")
-    axes[1, 2].scatter([plan.slice_sizes[-1] for _, plan, _ in rows], [v for _, _, v in rows], s=6, alpha=0.4, c=[plan.n_layers for _, plan, _ in rows])
+    axes[1, 2].scatter(
+        [plan.slice_sizes[-1] for _, plan, _ in rows],
+        [v for _, _, v in rows],
+        s=6,
+        alpha=0.4,
+        c=[plan.n_layers for _, plan, _ in rows],
+    )
     axes[1, 2].set(xlabel="last slice size", ylabel="perplexity", yscale="log", title="colour: output depth")
     fig.suptitle(f"SmolLM2-135M self-merge landscape: {len(ranked)} plans of the uniform space")
     fig.tight_layout()
@@ -184,6 +215,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--budget", type=int, default=200, help="evaluations before a sampler gives up")
+    parser.add_argument("--samplers", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument(
+        "--window", type=int, default=SamplerConfig.window, help="sampler.window (TPE; 0: every trial)"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
@@ -192,7 +227,7 @@ def main() -> None:
     if args.step == "landscape":
         build_landscape(args.n_ctx, args.windows)
     else:
-        run_replay(args.seeds, args.budget)
+        run_replay(args.seeds, args.budget, args.samplers, args.window)
 
 
 if __name__ == "__main__":

@@ -215,12 +215,13 @@ def test_a_record_is_written_in_one_commit(tmp_path):
     import sqlalchemy
 
     from sweep.optuna_access import set_user_attrs
+    from sweep.study import make_storage
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", 60)
     study = optuna.create_study(storage=storage)
     trial = study.ask()
     commits = []
-    sqlalchemy.event.listen(storage.engine, "commit", lambda connection: commits.append(1))
+    sqlalchemy.event.listen(storage._backend.engine, "commit", lambda connection: commits.append(1))
     record = {"plan": "0-16,8-30", "n_layers": 38, "ppl": 12.5, "eval_seconds": 3.2, "pruned": False}
     set_user_attrs(trial, record)
     assert len(commits) == 1 and trial.user_attrs == record
