@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import heapq
 import json
+import math
+import time
 from collections.abc import Container
 from typing import Any, Union
 
@@ -31,7 +33,7 @@ AnyTrial = Union[optuna.Trial, FrozenTrial]
 
 class SweepStorage(_CachedStorage):
     """Optuna's cached RDB storage (what ``optuna.create_study`` wraps an ``RDBStorage`` in), with fewer
-    sorts and commits; what is read from the database, and when, stays Optuna's.
+    sorts, reads and commits; what a read brings from the database stays Optuna's.
 
     - Trials are handed out without a sort. Optuna's ``get_all_trials`` copies and sorts every cached
       trial on each call, three calls a trial: ~15 ms a trial at 20,000 trials. Here they are kept in
@@ -42,15 +44,23 @@ class SweepStorage(_CachedStorage):
       dies between the two leaves a running trial with no parameters, retried as a new plan.
     - ``set_trial_user_attrs`` writes many attributes in one statement (Optuna: two queries each).
     - The trial just created is not read back at once: ``ask`` did, a read of six queries.
+    - A read of the study less than ``FRESH_SECONDS`` after the last, with no write of this process
+      between, is not sent again: after each trial the sweep reads the study (its index), then
+      Optuna's ``ask`` reads it for a waiting trial and TPE for its window, within milliseconds.
+      Another worker's changes show up at most that late; a read after this process wrote is
+      always sent (the twin check reads right after writing its plan, sweep/twins.py).
     """
 
     _UNFINISHED = frozenset((TrialState.RUNNING, TrialState.WAITING))
+    FRESH_SECONDS = 0.1
 
     def __init__(self, backend: RDBStorage) -> None:
         super().__init__(backend)
         self._ordered: dict[int, list[FrozenTrial | None]] = {}  # study id -> trial n at position n
         self._params: dict[int, list[tuple]] = {}  # trial id -> parameters not written yet
         self._created: int | None = None  # the trial this process created last, not read since
+        self._read_at: dict[int, float] = {}  # study id -> when its trials were last read
+        self._wrote = False  # a write since the last read
 
     def _add_trials_to_cache(self, study_id: int, trials: list[FrozenTrial]) -> None:
         super()._add_trials_to_cache(study_id, trials)
@@ -60,13 +70,23 @@ class SweepStorage(_CachedStorage):
                 ordered.extend([None] * (trial.number + 1 - len(ordered)))
             ordered[trial.number] = trial
 
+    def _read_trials_from_remote_storage(self, study_id: int, force: bool = False) -> None:
+        recent = time.monotonic() - self._read_at.get(study_id, -math.inf) < self.FRESH_SECONDS
+        if recent and not (self._wrote or force):
+            return
+        self._wrote = False
+        super()._read_trials_from_remote_storage(study_id)
+        self._read_at[study_id] = time.monotonic()
+
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:  # fmt: skip
         self._flush()
         self._read_trials_from_remote_storage(study_id)
-        with self._lock:
+        if len(self._ordered.get(study_id, [])) != len(self._studies[study_id].trials):
+            self._read_trials_from_remote_storage(study_id, force=True)  # this process's trial came after
+        with self._lock:  # others' not read yet; after a read there is no gap
             study, ordered = self._studies[study_id], self._ordered.get(study_id, [])
-            if len(ordered) != len(study.trials):  # a gap in the numbers: Optuna's way
+            if len(ordered) != len(study.trials):  # a gap in the numbers still: Optuna's way
                 trials = sorted(study.trials.values(), key=lambda t: t.number)
             elif states is None:
                 trials = list(ordered)
@@ -100,7 +120,7 @@ class SweepStorage(_CachedStorage):
             with _create_scoped_session(self._backend.scoped_session, True) as session:
                 return self._flush(session)
         with self._lock:
-            waiting, self._params = self._params, {}
+            waiting, self._params, self._wrote = self._params, {}, True
             for trial_id, params in waiting.items():
                 study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
                 for name, value, distribution, known in params:
@@ -111,7 +131,7 @@ class SweepStorage(_CachedStorage):
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """``attrs`` (and the parameters waiting) in one transaction."""
-        backend = self._backend
+        backend, self._wrote = self._backend, True
         with _create_scoped_session(backend.scoped_session, True) as session:
             self._flush(session)
             trial = TrialModel.find_or_raise_by_id(trial_id, session)
@@ -136,8 +156,11 @@ class SweepStorage(_CachedStorage):
             )
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        trial_id = super().create_new_trial(study_id, template_trial)
+        trial_id = super().create_new_trial(study_id, template_trial)  # cached as the database made it
+        with self._lock:  # unfinished until a read says otherwise, as a read would have put it
+            self._studies[study_id].unfinished_trial_ids.add(trial_id)
         self._created = trial_id if template_trial is None else None
+        self._wrote = self._wrote or template_trial is not None  # an enqueued trial: others may take it
         return trial_id
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
@@ -155,10 +178,12 @@ class SweepStorage(_CachedStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         self._flush()
+        self._wrote = True
         return super().set_trial_state_values(trial_id, state, values)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         self._flush()
+        self._wrote = True
         super().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
@@ -166,6 +191,7 @@ class SweepStorage(_CachedStorage):
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._flush()
+        self._wrote = True
         super().set_trial_system_attr(trial_id, key, value)
 
 

@@ -3,6 +3,8 @@ own would, to this worker and to another one reading the same file."""
 
 from __future__ import annotations
 
+import time
+
 import optuna
 import pytest
 from optuna.distributions import IntDistribution
@@ -47,6 +49,7 @@ def test_trials_come_in_order_and_by_state_as_optuna_gives_them(tmp_path):
     mine.enqueue_trial({"x": 3})
     for study in (mine, other):  # a worker's next read or write brings its running trials' parameters
         study.get_trials(deepcopy=False)
+    time.sleep(SweepStorage.FRESH_SECONDS)  # and the other worker's next read after this sees them
     for states in (None, (TrialState.RUNNING,), (TrialState.WAITING,), (TrialState.COMPLETE,),
                    (TrialState.RUNNING, TrialState.WAITING), (TrialState.FAIL, TrialState.RUNNING)):  # fmt: skip
         want = [(t.number, t.state, t.params) for t in plain.get_trials(deepcopy=False, states=states)]
@@ -67,9 +70,11 @@ def test_parameters_go_with_the_next_write_in_one_commit(tmp_path):
     before = commits[0]
     set_user_attrs(trial, {"plan": "0-10,5-20", "n_layers": 25})
     assert commits[0] - before == 1
+    time.sleep(SweepStorage.FRESH_SECONDS)
     (seen,) = other.get_trials(deepcopy=False)
     assert seen.params == params and seen.user_attrs == {"plan": "0-10,5-20", "n_layers": 25}
     set_user_attrs(trial, {"n_layers": 26, "ppl": 11.5})  # rewritten and added in one statement
+    time.sleep(SweepStorage.FRESH_SECONDS)
     assert other.get_trials(deepcopy=False)[0].user_attrs == {
         "plan": "0-10,5-20",
         "n_layers": 26,
@@ -81,6 +86,27 @@ def test_parameters_go_with_the_next_write_in_one_commit(tmp_path):
     x = bare.suggest_int("x", 0, 5)
     study.tell(bare, 2.0)
     assert optuna.load_study(study_name="s", storage=url).trials[1].params == {"x": x}
+
+
+def test_a_worker_sees_another_s_writes_at_most_fresh_seconds_late_and_at_once_after_its_own(tmp_path):
+    """Reads within FRESH_SECONDS of the last, with no write of this worker between, are not sent again;
+    a write of its own (as the twin check writes its plan before it reads) makes the next read fresh."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    mine, other = _study(url), _study(url)
+    mine.enqueue_trial({"x": 1})
+    assert len(other.get_trials(deepcopy=False)) == 1
+    mine.enqueue_trial({"x": 2})
+    assert len(other.get_trials(deepcopy=False)) == 1  # read just now: not sent again
+    time.sleep(SweepStorage.FRESH_SECONDS)
+    assert len(other.get_trials(deepcopy=False)) == 2
+    mine.enqueue_trial({"x": 3})
+    trial = other.ask()  # takes a waiting trial: a write, so the read after it is sent
+    assert trial.number == 0 and len(other.get_trials(deepcopy=False)) == 3
+    waiting = [
+        t.system_attrs["fixed_params"]["x"]
+        for t in mine.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    ]
+    assert waiting == [2, 3]  # mine wrote last: its read is fresh and trial 0 is taken
 
 
 def test_a_parameter_of_another_kind_is_refused_and_nothing_is_written(tmp_path):
