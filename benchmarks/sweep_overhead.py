@@ -3,6 +3,7 @@ records, leaderboard, callbacks, storage) around a stub evaluation of ~0 s, on `
 plans) with TPE, on SQLite and (when a server binary is here) PostgreSQL.
 
     python benchmarks/sweep_overhead.py [--at 100 1000 5000 20000] [--storages sqlite postgresql] [--window 1000]
+    python benchmarks/sweep_overhead.py --optuna-only   # the floor: Optuna alone, no selfmerge code
 
 The study is filled to each checkpoint with finished trials of random plans (added in bulk, as a long
 sweep leaves them), then the sweep resumes for ``--measure`` trials there; a trial's time runs from
@@ -87,15 +88,48 @@ def run(url: str, root: Path, checkpoints: list[int], measure: int, window: int)
     return rows
 
 
+def optuna_only(root: Path, n: int = 2000) -> dict:
+    """Optuna with no selfmerge code: ask, four ``suggest_int``, tell, on a SQLite file in WAL mode,
+    with RandomSampler and with TPE as the sweep configures it (multivariate, grouped, constant liar)
+    over the whole history. Median / p95 ms of the 100 trials before each of 100, 1,000 and 2,000."""
+    rows = {}
+    for kind in ("random", "tpe"):
+        storage = optuna.storages.RDBStorage(f"sqlite:///{root / f'optuna_{kind}.db'}")
+        with storage.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        sampler = (optuna.samplers.RandomSampler(seed=0) if kind == "random" else optuna.samplers.TPESampler(
+            n_startup_trials=5, multivariate=True, group=True, constant_liar=True, seed=0))  # fmt: skip
+        study = optuna.create_study(storage=storage, sampler=sampler)
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            trial = study.ask()
+            study.tell(trial, float(sum(trial.suggest_int(name, 0, 20) for name in "abcd")))
+            times.append(1000 * (time.perf_counter() - started))
+        for at in (100, 1000, 2000):
+            window = sorted(times[at - 100 : at])
+            rows[f"{kind}@{at}"] = {"median_ms": round(statistics.median(window), 2), "p95_ms": round(window[94], 2)}
+            print(kind, at, rows[f"{kind}@{at}"], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--at", type=int, nargs="+", default=[100, 1000, 5000, 20000], help="study sizes to measure at")
     parser.add_argument("--measure", type=int, default=100, help="sweep trials timed at each size")
     parser.add_argument("--storages", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--window", type=int, default=1000, help="sampler.window (0: TPE over every trial)")
+    parser.add_argument("--optuna-only", action="store_true", help="time Optuna alone: the floor under a trial")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if args.optuna_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = optuna_only(Path(tmp))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "sweep_overhead_optuna_only.json").write_text(json.dumps(rows, indent=2))
+        print(f"wrote {RESULTS / 'sweep_overhead_optuna_only.json'}")
+        return
     results = {}
     server = PostgresServer(find_bin_dir()) if "postgresql" in args.storages and find_bin_dir() else None
     try:

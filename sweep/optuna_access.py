@@ -82,9 +82,10 @@ class SweepStorage(_CachedStorage):
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:  # fmt: skip
         self._flush()
         self._read_trials_from_remote_storage(study_id)
+        # a gap in the numbers: this process made a trial after others' it has not read; a read fills it
         if len(self._ordered.get(study_id, [])) != len(self._studies[study_id].trials):
-            self._read_trials_from_remote_storage(study_id, force=True)  # this process's trial came after
-        with self._lock:  # others' not read yet; after a read there is no gap
+            self._read_trials_from_remote_storage(study_id, force=True)
+        with self._lock:
             study, ordered = self._studies[study_id], self._ordered.get(study_id, [])
             if len(ordered) != len(study.trials):  # a gap in the numbers still: Optuna's way
                 trials = sorted(study.trials.values(), key=lambda t: t.number)
