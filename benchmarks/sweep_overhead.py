@@ -30,8 +30,9 @@ import optuna  # noqa: E402
 
 from evals.schema import Field  # noqa: E402
 from pg_server import PostgresServer, find_bin_dir  # noqa: E402
-from sweep.config import compose, load_config  # noqa: E402
+from sweep.config import SamplerConfig, compose, load_config  # noqa: E402
 from sweep.runner import Sweep  # noqa: E402
+from sweep.samplers import make_sampler  # noqa: E402
 from sweep.trial_work import TrialWork, merge_record  # noqa: E402
 
 
@@ -97,8 +98,7 @@ def optuna_only(root: Path, n: int = 2000) -> dict:
         storage = optuna.storages.RDBStorage(f"sqlite:///{root / f'optuna_{kind}.db'}")
         with storage.engine.connect() as connection:
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-        sampler = (optuna.samplers.RandomSampler(seed=0) if kind == "random" else optuna.samplers.TPESampler(
-            n_startup_trials=5, multivariate=True, group=True, constant_liar=True, seed=0))  # fmt: skip
+        sampler = make_sampler(kind, None, 0, SamplerConfig.n_startup_trials)  # window 0: Optuna's own TPE
         study = optuna.create_study(storage=storage, sampler=sampler)
         times = []
         for _ in range(n):

@@ -81,6 +81,12 @@ def check_fits(source: str | Path, dtype: str, load_in: str, device: torch.devic
         )
 
 
+def check_device_map(device_map: str) -> None:
+    """One of accelerate's placements (DEVICE_MAPS), else an error naming backend.device_map."""
+    if device_map not in DEVICE_MAPS:
+        raise SelfMergeError(f"backend.device_map={device_map!r} is unknown; choose one of {list(DEVICE_MAPS)}")
+
+
 def max_memory(gpus: Sequence[int], free: Mapping[int, int]) -> dict[int, int]:
     """What a base spread over ``gpus`` may take of each (accelerate's ``max_memory``): its free bytes
     less ``GPU_RESERVE``, GPUs outside ``gpus`` left alone (another worker's)."""
@@ -177,8 +183,7 @@ def _free_on_gpus(device_map: Optional[str], gpus: Optional[Sequence[int]], targ
     {} without a device_map."""
     if not device_map:
         return {}
-    if device_map not in DEVICE_MAPS:
-        raise SelfMergeError(f"backend.device_map={device_map!r} is unknown; choose one of {list(DEVICE_MAPS)}")
+    check_device_map(device_map)
     if target.type != "cuda":
         raise SelfMergeError(
             f"backend.device_map={device_map} spreads the model over GPUs, but the device is {target}"

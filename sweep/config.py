@@ -96,13 +96,13 @@ class BackendConfig:
         if self.batch_windows < 1:
             raise SelfMergeError(f"backend.batch_windows={self.batch_windows} is out of range: must be >= 1")
         if self.device_map is not None:
-            from merge_core.torch_merge import DEVICE_MAPS
+            from merge_core.torch_merge import check_device_map
 
-            key = f"backend.device_map={self.device_map!r}"
-            if self.device_map not in DEVICE_MAPS:
-                raise SelfMergeError(f"{key} is unknown; choose one of {list(DEVICE_MAPS)}")
+            check_device_map(self.device_map)
             if self.kind != "torch":
-                raise SelfMergeError(f"{key} needs backend=torch (llama.cpp places no layers here)")
+                raise SelfMergeError(
+                    f"backend.device_map={self.device_map!r} needs backend=torch (llama.cpp places no layers here)"
+                )
 
     def scoring(self) -> dict:
         """What changes a score (a resumed sweep must match it): not the device or batch size."""

@@ -130,6 +130,11 @@ class SweepStorage(_CachedStorage):
                     )
                     self._studies[study_id].param_distribution.setdefault(name, distribution)
 
+    def _before_write(self) -> None:
+        """The parameters waiting go first; the next read is sent (it must see this write)."""
+        self._flush()
+        self._wrote = True
+
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """``attrs`` (and the parameters waiting) in one transaction."""
         backend, self._wrote = self._backend, True
@@ -178,21 +183,18 @@ class SweepStorage(_CachedStorage):
         return super().get_best_trial(study_id)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
-        self._flush()
-        self._wrote = True
+        self._before_write()
         return super().set_trial_state_values(trial_id, state, values)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._flush()
-        self._wrote = True
+        self._before_write()
         super().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.set_trial_user_attrs(trial_id, {key: value})
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._flush()
-        self._wrote = True
+        self._before_write()
         super().set_trial_system_attr(trial_id, key, value)
 
 
