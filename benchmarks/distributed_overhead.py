@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from pg_server import PostgresServer, find_bin_dir  # noqa: E402
-from sweep.study import load_study  # noqa: E402
+from sweep.study.open import load_study  # noqa: E402
 
 RESULTS = Path("results/benchmarks")
 

@@ -24,7 +24,7 @@ import torch
 from evals.eqbench_eval import EQBenchEval, _messages
 from merge_core.layer_plan import LayerPlan
 from merge_core.torch_merge import merged_model
-from sweep.backends import TorchBackend
+from sweep.trials.backends import TorchBackend
 from sweep.config import BackendConfig
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "benchmarks"

@@ -32,7 +32,7 @@ from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import bundled_model_path
 
 OUT = Path("results/benchmarks")
-OFFICIAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "eq_bench_v2_questions_171.json"
+OFFICIAL = Path(__file__).resolve().parent.parent / "evals" / "data" / "eqbench_v2_official.json"  # shipped, MIT
 # From good to broken: the base, rule-abiding merges, heavy repeats, and plans that drop the last layers.
 PLANS = [
     "0-30", "0-20,14-30", "0-16,8-30", "0-12,6-30", "0-12,8-20,16-30", "0-10,6-16,12-22,18-30",

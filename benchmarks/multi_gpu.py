@@ -40,7 +40,7 @@ def _cli(*args: str) -> list[str]:
 
 def run_workers(model: Path, n: int, minutes: float, root: Path, kill_after: float | None) -> dict:
     """One sweep of ``n`` workers for ``minutes``: its study read back."""
-    from sweep.study import load_study
+    from sweep.study.open import load_study
 
     name = f"w{n}{'k' if kill_after else ''}"
     args = [

@@ -32,7 +32,7 @@ from evals.schema import Field  # noqa: E402
 from merge_core.gguf_merge import merge_gguf  # noqa: E402
 from merge_core.layer_plan import LayerPlan  # noqa: E402
 from merge_core.model_files import bundled_model_path  # noqa: E402
-from sweep.validation import spearman  # noqa: E402
+from sweep.results.validation import spearman  # noqa: E402
 
 OUT = ROOT / "results" / "benchmarks"
 BASE = "0-30"

@@ -31,8 +31,8 @@ from merge_core.layer_plan import LayerPlan
 from merge_core.model_files import bundled_model_path
 from merge_core.model_shape import ModelShape
 from sweep.config import SamplerConfig
-from sweep.prior import prior_plans
-from sweep.spaces import UniformSpaceConfig, build_space
+from sweep.search.prior import prior_plans
+from sweep.search.spaces import UniformSpaceConfig, build_space
 
 OUT = Path("results/benchmarks")
 KINDS = ("random", "tpe", "tpe+importance", "cmaes", "grid")
@@ -77,7 +77,7 @@ def build_landscape(n_ctx: int, windows: int) -> None:
 def layer_importance():
     """The importance prior's analysis of the bundled model (cached beside the landscape)."""
     from evals.layer_importance import LayerImportance
-    from sweep.prior import analyze
+    from sweep.search.prior import analyze
 
     csv_path = OUT / "layer_importance.csv"
     if csv_path.is_file():
@@ -96,7 +96,7 @@ def replay(space, landscape: dict[str, float], sampler_kind: str, seed: int, bud
            window: int = SamplerConfig.window):  # fmt: skip
     """Evaluations (distinct plans scored, cache hits free) until each target set is first hit.
     ``prior``: (plan, params) pairs scored first, as space.prior=importance does."""
-    from sweep.samplers import make_sampler
+    from sweep.search.samplers import make_sampler
 
     sampler = make_sampler(
         sampler_kind, space, seed, SamplerConfig.n_startup_trials, window

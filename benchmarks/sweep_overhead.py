@@ -31,9 +31,9 @@ import optuna  # noqa: E402
 from evals.schema import Field  # noqa: E402
 from pg_server import PostgresServer, find_bin_dir  # noqa: E402
 from sweep.config import SamplerConfig, compose, load_config  # noqa: E402
-from sweep.runner import Sweep  # noqa: E402
-from sweep.samplers import make_sampler  # noqa: E402
-from sweep.trial_work import TrialWork, merge_record  # noqa: E402
+from sweep.trials.runner import Sweep  # noqa: E402
+from sweep.search.samplers import make_sampler  # noqa: E402
+from sweep.trials.trial_work import TrialWork, merge_record  # noqa: E402
 
 
 

@@ -37,7 +37,7 @@ class Evaluation(Protocol):
 
 
 class ItemEvaluation(Evaluation, Protocol):
-    """An evaluation over separate items, which validation (sweep/validation.py) scores a few items at
+    """An evaluation over separate items, which validation (sweep/results/validation.py) scores a few items at
     a time, writing each item's row as it finishes, so a killed validation resumes where it stopped."""
 
     def item_ids(self) -> list[str]: ...

@@ -4,7 +4,7 @@ items from its next-token probabilities (evals/probes.py), with a coverage gate 
 The record holds, over all probes (each probe weighs the same) and per probe (``probe_by_name``):
 accuracy, logprob, score, coverage, entropy and the share of items gated; ``eval.probe.metric``
 names the objective. ``mode=generate`` asks for greedy replies and parses them instead: a probe's
-published form, which validation uses (sweep/validation.py); it measures accuracy and score only.
+published form, which validation uses (sweep/results/validation.py); it measures accuracy and score only.
 """
 
 from __future__ import annotations

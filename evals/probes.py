@@ -1,6 +1,6 @@
 """Probes: short item sets scored from next-token probabilities, with no generation, as RYS and
 the ``layer-scan`` tool score each plan. Gains seen on a probe often fail to transfer, so the best
-plans of a sweep are checked again on held-out items (sweep/validation.py).
+plans of a sweep are checked again on held-out items (sweep/results/validation.py).
 
 An item is a chat prompt, an answer ``prefix`` that the assistant turn starts with, and an answer
 of one kind:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 class Field:
-    # the merged model (sweep/trial_work.py)
+    # the merged model (sweep/trials/trial_work.py)
     PLAN = "plan"  # canonical plan string, e.g. "0-16,8-30": the cache key
     N_LAYERS = "n_layers"
     MERGE_SECONDS = "merge_seconds"
@@ -57,7 +57,7 @@ class Field:
 
     # the sweep's bookkeeping (sweep/)
     CACHE_HIT_OF = "cache_hit_of"  # the trial that scored this plan first
-    CLAIM = "claim"  # evaluate | wait: a plan another worker is scoring (sweep/twins.py)
+    CLAIM = "claim"  # evaluate | wait: a plan another worker is scoring (sweep/study/twins.py)
     ERROR = "error"  # why a trial failed
     FAIL_REASON = "fail_reason"  # system attribute: a dead worker's trial
     MODEL_PATH = "model_path"  # the merged file, while it is kept
@@ -67,7 +67,7 @@ class Field:
     PRIOR_COST = "prior_cost"
     REPAIRED_PARAMS = "repaired_params"
 
-    # validation (sweep/validation.py): leaderboard columns, "validated_" + an evaluation's objective
+    # validation (sweep/results/validation.py): leaderboard columns, "validated_" + an evaluation's objective
     VALIDATED = "validated_"
     FINAL_RANK = "final_rank"  # rank by the first validated score
 
@@ -76,6 +76,7 @@ class StudyKey:
     """Study-wide user attributes."""
 
     BASE = "base"  # the base model's record, scored once per sweep
+    BASE_CLAIM = "base_claim:"  # + a worker: [claimed at, last beat]; the earliest live claim scores the base
     SCORING = "scoring"  # what makes scores comparable (model, backend, eval configs); written last
     OBJECTIVES = "objectives"
     MODEL_HF_ID = "model_hf_id"

@@ -2,7 +2,8 @@
 the same perplexity windows, the same chat template, the same EQ-Bench calls (``ChatModel``).
 
 Perplexity runs windows in batches (``batch_windows`` at a time) through the decoder layers one by
-one with no cache and no mask (full windows, causal attention), and projects only the scored half
+one with no cache and no mask (full windows, causal attention; a sliding-window layer gets its window's
+mask when the windows are longer), and projects only the scored half
 to the vocabulary. ``layer_fn`` runs one layer: plain, or ``compiled_layer_fn()``, which
 torch.compile fuses once for every layer of every plan (the layers share one class and code).
 """
@@ -21,10 +22,23 @@ from evals.llama_cpp_model import reusable_prefix
 from merge_core.errors import SelfMergeError
 
 
-def run_layer(layer, hidden, position_embeddings):
-    """One decoder layer on full windows: causal attention (no mask needed), no KV cache."""
-    out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
+def run_layer(layer, hidden, position_embeddings, mask=None):
+    """One decoder layer on full windows, no KV cache: causal attention (no mask needed), or under
+    ``mask`` (a sliding-window layer on windows longer than its window, ``sliding_mask``)."""
+    out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings)
     return out[0] if isinstance(out, tuple) else out
+
+
+SLIDING = "sliding_attention"  # transformers' layer_types name of a sliding-window layer
+
+
+def sliding_mask(length: int, window: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The additive mask of a sliding-window layer, as transformers' forward builds it: position q
+    sees k when k <= q and q - k < ``window``; 0 where it sees, the dtype's lowest value elsewhere."""
+    q = torch.arange(length, device=device).unsqueeze(1)
+    k = torch.arange(length, device=device).unsqueeze(0)
+    seen = (k <= q) & (q - k < window)
+    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)[None, None]
 
 
 GQA_ATTENTION = "selfmerge_sdpa_gqa"
@@ -79,9 +93,8 @@ class TorchModel:
         self.model, self.tokenizer = model, tokenizer
         self.n_ctx, self.batch_windows, self.layer_fn = n_ctx, batch_windows, layer_fn
         self.gen_batch = gen_batch  # replies generated at once by chat_batch; 0: as many as free memory holds
-        window = getattr(model.config, "sliding_window", None)
-        if window and getattr(model.config, "use_sliding_window", True) and n_ctx > window:
-            raise SelfMergeError(f"n_ctx={n_ctx} exceeds the model's sliding window of {window}: use n_ctx <= {window}")
+        window = getattr(model.config, "sliding_window", None)  # its layers get a mask on longer windows
+        self._window = window if window and getattr(model.config, "use_sliding_window", True) else None
         self.device = model.get_input_embeddings().weight.device  # a base spread over GPUs starts on the first
         # Gemma 3's rotary embedding takes the layer kind (sliding/global: RoPE bases 10k and 1M)
         self._rotary_per_kind = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
@@ -116,8 +129,12 @@ class TorchModel:
             by_kind = {kind: inner.rotary_emb(hidden, positions, kind) for kind in set(kinds)}
         else:
             by_kind = dict.fromkeys(set(kinds), inner.rotary_emb(hidden, position_ids=positions))
+        masks = dict.fromkeys(set(kinds))  # full windows: causal attention needs no mask ...
+        if self._window and ids.shape[1] > self._window:  # ... but a sliding layer sees only its window
+            sliding = sliding_mask(ids.shape[1], self._window, hidden.dtype, hidden.device)
+            masks.update({kind: sliding for kind in masks if kind in (SLIDING, None)})
         for layer, kind in zip(inner.layers, kinds):
-            hidden = self.layer_fn(layer, hidden, by_kind[kind])
+            hidden = self.layer_fn(layer, hidden, by_kind[kind], masks[kind])
         logits = self.model.lm_head(inner.norm(hidden[:, first:-1]))
         cap = getattr(config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits

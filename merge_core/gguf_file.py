@@ -13,6 +13,7 @@ Each metadata entry keeps its raw bytes, so a writer can copy it unchanged. Stri
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -122,10 +123,20 @@ def tensor_n_bytes(dims: tuple[int, ...], ggml_type: int) -> int:
 
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """Read the metadata and tensor infos of the GGUF at ``path``; raise SelfMergeError if it is none."""
+    """The metadata and tensor infos of the GGUF at ``path``; raise SelfMergeError if it is none.
+
+    Read once per file as it is now (path, size and modification time): a sweep merges from the same
+    sources every trial, and a header of many tensors and a large vocabulary takes tens of milliseconds
+    to parse. The header is shared between callers: read it, never change it."""
     path = Path(path)
     if not path.is_file():
         raise SelfMergeError(f"model file not found: {path}")
+    stat = path.stat()
+    return _read_header(path.resolve(), stat.st_size, stat.st_mtime_ns, path)
+
+
+@functools.lru_cache(maxsize=16)  # a sweep's sources, and the odd merged file read back
+def _read_header(resolved: Path, size: int, mtime_ns: int, path: Path) -> GGUFHeader:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise SelfMergeError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")

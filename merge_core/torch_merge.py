@@ -122,7 +122,7 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "au
                    device_map: Optional[str] = None, gpus: Optional[Sequence[int]] = None):  # fmt: skip
     """(model, tokenizer) from an HF folder, a GGUF file (dequantized) or a hub id (the usual cache);
     ``load_in`` int8|nf4 quantizes the layers' linear weights while loading (an HF model only).
-    ``gpus`` pins the model to these GPUs (a worker's, sweep/workers.py): the first of them, or all of
+    ``gpus`` pins the model to these GPUs (a worker's, sweep/trials/workers.py): the first of them, or all of
     them with ``device_map`` (one of DEVICE_MAPS: accelerate places the layers, each on one GPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

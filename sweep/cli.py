@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,11 +40,11 @@ def _quiet_optuna() -> None:
 # -- sweep ------------------------------------------------------------------------------------
 def cmd_sweep(overrides: list[str]) -> None:
     """A Hydra app, so multirun and launchers (-m hydra/launcher=joblib) work as in any Hydra app.
-    ``sweep.workers`` / ``sweep.gpus`` start one worker process each here (sweep/workers.py); when
+    ``sweep.workers`` / ``sweep.gpus`` start one worker process each here (sweep/trials/workers.py); when
     they have ended this process validates (sweep.validate) and prints the leaderboard once."""
     import hydra
 
-    from sweep import workers
+    from sweep.trials import workers
     from sweep.config import CONF_DIR, compose, load_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -74,17 +75,28 @@ def cmd_sweep(overrides: list[str]) -> None:
             return _launch(config, overrides, workers.n_workers(run.workers, groups), groups, fresh)
     flags = [o for o in overrides if o in ("-m", "--multirun")]  # Hydra reads flags before overrides only
     sys.argv = ["selfmerge", *flags, *[o for o in overrides if o not in flags]]
+    if flags:  # Hydra prints a launcher's error with its traceback; raised, it is ours to say in one line
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         task()
     except SystemExit as exit_:
         # Hydra reports a bad override or config on one line and exits 1: that is bad input.
         sys.exit(USAGE_ERROR if exit_.code == 1 else exit_.code)
+    except Exception as err:  # a multirun's: a bad override, or a job that did not finish (killed, lost)
+        from hydra.errors import HydraException
+
+        if isinstance(err, HydraException):
+            _fail(str(err))
+        cause = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        print(f"selfmerge: error: a job of this multirun did not finish ({cause}); the study keeps what every "
+              "job finished: rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
 
 
 def _launch(config, overrides: list[str], count: int, groups: list[tuple[int, ...]], fresh: Path | None) -> None:
     """The workers of ``sweep.workers``/``sweep.gpus``; once all have ended, validation and the
     leaderboard, once. Exits with the first failed worker's status (0 if none failed)."""
-    from sweep import workers
+    from sweep.trials import workers
 
     on = f", GPUs {' | '.join(','.join(map(str, g)) for g in groups)}" if groups else ""
     print(f"selfmerge: {count} workers on sweep {config.sweep.name}{on}", file=sys.stderr)
@@ -121,10 +133,10 @@ def _run_sweep(config, fresh: Path | None, quiet: bool = False, search: bool = T
     """One worker's sweep (``search``), then validation and the leaderboard unless ``quiet`` (a worker
     ``cmd_sweep`` started: it does them once they are all done, with ``search`` off; the model is
     loaded then only if there is something to validate)."""
-    from sweep import validation
-    from sweep.records import leaderboard_frame
-    from sweep.runner import StopSweep, Sweep
-    from sweep.study import load_study
+    from sweep.results import validation
+    from sweep.results.records import leaderboard_frame
+    from sweep.trials.runner import StopSweep, Sweep
+    from sweep.study.open import load_study
 
     _quiet_optuna()
     sweep = None
@@ -144,8 +156,8 @@ def _run_sweep(config, fresh: Path | None, quiet: bool = False, search: bool = T
         if fresh is not None and (sweep is None or not sweep.started):  # refused: leave no folder behind
             shutil.rmtree(fresh, ignore_errors=True)
         _fail(str(err))
-    except StopSweep as stop:
-        print(f"selfmerge: {stop.message}", file=sys.stderr)
+    except StopSweep as stop:  # a stop is reported as every error is, with its own exit status
+        print(f"selfmerge: error: {stop.message}", file=sys.stderr)
         sys.exit(stop.status)
     except KeyboardInterrupt:
         print("selfmerge: interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
@@ -166,7 +178,7 @@ def print_leaderboard(frame, top: int = 10) -> None:
     import pandas as pd
 
     from evals.registry import EVALS
-    from sweep.records import distinct_plans
+    from sweep.results.records import distinct_plans
 
     scores = [c for spec in EVALS.values() for c in spec.columns if c != Field.PPL_EARLY]  # early ppl: a pruning aid
     validated = [c for c in frame if c.startswith(Field.VALIDATED) or c == Field.FINAL_RANK]
@@ -178,7 +190,7 @@ def print_leaderboard(frame, top: int = 10) -> None:
 
 
 def _open_results(directory: str, storage: str | None):
-    from sweep.study import load_study
+    from sweep.study.open import load_study
 
     path = Path(directory)
     url = storage or f"sqlite:///{path / 'study.db'}"
@@ -188,14 +200,14 @@ def _open_results(directory: str, storage: str | None):
 
 
 def cmd_leaderboard(args) -> None:
-    from sweep.records import leaderboard_frame
+    from sweep.results.records import leaderboard_frame
 
     path, study = _open_results(args.results, args.storage)
     print_leaderboard(leaderboard_frame(study, path), top=args.top)
 
 
 def cmd_rebuild(args) -> None:
-    from sweep.rebuild import MISSING, rebuild_study
+    from sweep.study.rebuild import MISSING, rebuild_study
 
     _quiet_optuna()
     study, aside = rebuild_study(Path(args.results), args.storage)
@@ -205,7 +217,7 @@ def cmd_rebuild(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from sweep.report import write_report
+    from sweep.results.report import write_report
 
     path, study = _open_results(args.results, args.storage)
     out = write_report(study, path)
@@ -213,7 +225,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from sweep.reproduce import reproduce
+    from sweep.results.reproduce import reproduce
 
     path, study = _open_results(args.results, args.storage)
     formats = args.format.split(",") if args.format else None
@@ -221,9 +233,9 @@ def cmd_reproduce(args) -> None:
 
 
 def cmd_validate(args, overrides: list[str]) -> None:
-    from sweep.records import VALIDATION_DIR, write_leaderboard
-    from sweep.reproduce import sweep_backend
-    from sweep.validation import settings_for, validate
+    from sweep.results.records import VALIDATION_DIR, write_leaderboard
+    from sweep.results.reproduce import sweep_backend
+    from sweep.results.validation import settings_for, validate
 
     _quiet_optuna()
     path, study = _open_results(args.results, args.storage)
@@ -244,7 +256,7 @@ def cmd_plans(args, overrides: list[str]) -> None:
     from merge_core.model_files import resolve_model_source
     from merge_core.model_shape import ModelShape
     from sweep.config import compose, load_config
-    from sweep.spaces import build_space, sample_plans
+    from sweep.search.spaces import build_space, sample_plans
 
     _quiet_optuna()
     config = load_config(compose(overrides))
@@ -262,7 +274,7 @@ def cmd_plans(args, overrides: list[str]) -> None:
 
 def cmd_analyze(args, overrides: list[str]) -> None:
     from sweep.config import compose, load_config
-    from sweep.prior import analyze
+    from sweep.search.prior import analyze
 
     config = load_config(compose(overrides))
     ppl = config.eval.get(Field.PPL)
@@ -400,7 +412,7 @@ def cmd_eqbench(args) -> None:
 
     from evals.eqbench_eval import EQBenchEval
     from merge_core.model_files import resolve_model_path
-    from sweep.records import atomic_write_text
+    from sweep.results.records import atomic_write_text
 
     model = resolve_model_path(args.model)
     evaluate = EQBenchEval(args.questions, args.n_items, args.seed, args.mode, args.max_tokens, args.logits_score, args.n_ctx, args.threads)

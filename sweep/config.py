@@ -19,9 +19,9 @@ from evals.registry import EVALS
 from evals.registry import get as get_eval
 from evals.schema import Field
 from merge_core.errors import SelfMergeError
-from sweep.constraints import PlanConstraints
-from sweep.samplers import SAMPLERS
-from sweep.spaces import SPACES
+from sweep.search.constraints import PlanConstraints
+from sweep.search.samplers import SAMPLERS
+from sweep.search.spaces import SPACES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # each evaluation's score, depth and damage (eval.ppl.kld), the last two minimized unless told
@@ -213,7 +213,7 @@ class TrialConfig:
 @dataclass(frozen=True)
 class ValidateConfig:
     """When the search ends, the best plans and the base scored again on held-out items with the full
-    benchmark in its published mode (sweep/validation.py): probe gains often fail to transfer."""
+    benchmark in its published mode (sweep/results/validation.py): probe gains often fail to transfer."""
 
     top_k: Optional[int] = None  # plans validated; None = 5 when a probe or EQ-Bench logits mode is the objective, else 0
     evals: Optional[dict[str, Any]] = None  # {eval: {settings}}; None = the objective's held-out benchmark
@@ -240,7 +240,7 @@ class RunConfig:
     max_repeats_in_a_row: int = 20  # proposals of scored plans in a row before an unscored plan is drawn
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
     workers: Optional[int] = None  # local worker processes on this study; None = one per GPU group, else 1
-    gpus: Any = None  # None (backend.device) | "all" | a count | [0, 2]: workers pinned to their own (sweep/workers.py)
+    gpus: Any = None  # None (backend.device) | "all" | a count | [0, 2]: workers pinned to their own (sweep/trials/workers.py)
     gpus_per_worker: int = 1  # each worker's GPU group; with backend.device_map its model spreads over them
     worker: Optional[int] = None  # this worker's number (set by sweep.workers' launcher, or a multirun's job number)
 
@@ -292,7 +292,7 @@ class SweepConfig:
     prune: PruneConfig = PruneConfig()
     trial: TrialConfig = TrialConfig()
     backend: BackendConfig = BackendConfig()
-    space_prior: Optional[str] = None  # "importance": start from the plans the layer analysis ranks best (sweep/prior.py)
+    space_prior: Optional[str] = None  # "importance": start from the plans the layer analysis ranks best (sweep/search/prior.py)
 
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals

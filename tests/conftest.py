@@ -9,7 +9,8 @@ import pytest
 from merge_core.model_files import bundled_model_path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
+OFFICIAL_EQBENCH = REPO / "evals" / "data" / "eqbench_v2_official.json"  # what the package ships (MIT)
 
 
 @pytest.fixture(scope="session")
@@ -18,22 +19,15 @@ def base_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def wikitext_file(tmp_path_factory) -> Path:
-    """~60 kB of WikiText-2 test text (real English); falls back to stdlib docstrings off this repo's machines."""
-    source = SHARED_DATA / "wikitext-2-test.txt"
-    path = tmp_path_factory.mktemp("text") / "wiki.txt"
-    if source.is_file():
-        path.write_text(source.read_text(encoding="utf-8")[:60_000])
-    else:
-        from evals.corpus import stdlib_docstrings
-
-        path.write_text(stdlib_docstrings(60_000))
-    return path
+def wikitext_file() -> Path:
+    """The first 60 kB of the WikiText-2 test split, shipped with the tests (CC BY-SA, notice beside it)."""
+    return DATA / "wikitext-2-test-excerpt.txt"
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the installed ``selfmerge`` entry point as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = False,
+            env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the installed ``selfmerge`` entry point as a user would (``env``: variables to add)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"selfmerge {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evals.perplexity import PerplexityResult
-from sweep.trial_work import TrialWork, merge_record
+from sweep.trials.trial_work import TrialWork, merge_record
 
 
 def trial_number(out: Path) -> int:

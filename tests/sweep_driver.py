@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sweep.callbacks as callbacks  # noqa: E402
-import sweep.runner as runner  # noqa: E402
+import sweep.trials.callbacks as callbacks  # noqa: E402
+import sweep.trials.runner as runner  # noqa: E402
 from faults import PhaseMarks  # noqa: E402
 from sweep.config import compose, load_config  # noqa: E402
 
@@ -41,7 +41,7 @@ def main() -> None:
     try:
         runner.Sweep(config, work_type=functools.partial(PhaseMarks, marks=marks, pause=pause)).run()
     except runner.StopSweep as stop:  # as the CLI reports it
-        print(f"selfmerge: {stop.message}", file=sys.stderr)
+        print(f"selfmerge: error: {stop.message}", file=sys.stderr)
         sys.exit(stop.status)
 
 

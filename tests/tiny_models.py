@@ -31,11 +31,12 @@ def write_tokenizer(folder: Path, vocab_size: int = 512) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def build_tiny(kind: str, folder: Path, n_layers: int = 6, hidden: int = 64, dtype=torch.bfloat16, max_shard_size=None, seed: int = 0) -> Path:
+def build_tiny(kind: str, folder: Path, n_layers: int = 6, hidden: int = 64, dtype=torch.bfloat16, max_shard_size=None, seed: int = 0,
+               config: dict | None = None) -> Path:
     """A random ``kind`` model saved as safetensors, with its tokenizer: llama | mistral | qwen2 | qwen3,
     llama3 (Llama with Llama 3.x's RoPE scaling, its frequencies rescaled within the tiny head size), or
     gemma3 (a global layer after every two sliding ones, so a plan moves global layers off llama.cpp's
-    index-derived places; each kind keeps its own RoPE base, 10k or 1M)."""
+    index-derived places; each kind keeps its own RoPE base, 10k or 1M). ``config``: settings to change."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     classes = {"llama": LlamaConfig, "llama3": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
@@ -44,10 +45,11 @@ def build_tiny(kind: str, folder: Path, n_layers: int = 6, hidden: int = 64, dty
                                             "original_max_position_embeddings": 256, "rope_theta": 10000.0}},
              "gemma3": {"head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4, "sliding_window": 512,
                         "layer_types": [("sliding_attention", "sliding_attention", "full_attention")[i % 3] for i in range(n_layers)]}}  # fmt: skip
+    settings = {**extra.get(kind, {}), **(config or {})}
     config = classes[kind](
         vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1, tie_word_embeddings=kind in ("qwen2", "qwen3", "gemma3"),
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra.get(kind, {}),
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **settings,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import fast_overrides  # noqa: E402
 from faults import CheapWork  # noqa: E402
 from sweep.config import compose, load_config  # noqa: E402
-from sweep.runner import Sweep  # noqa: E402
+from sweep.trials.runner import Sweep  # noqa: E402
 from evals.corpus import stdlib_docstrings  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from evals.eqbench import parse_answer, read_answers_jsonl, score_answers
 from evals.eqbench_items import EQItem, load_questions
 from merge_core import SelfMergeError
 
-from conftest import SHARED_DATA, run_cli
+from conftest import OFFICIAL_EQBENCH, run_cli
 
 REFERENCE = {"Remorseful": 0.0, "Indifferent": 6.0, "Affectionate": 0.0, "Annoyed": 7.0}
 ITEMS = [EQItem("1", "prompt", REFERENCE), EQItem("2", "prompt", REFERENCE)]
@@ -92,10 +92,7 @@ def test_first_pass_counts_when_revised_is_worse():
 
 @pytest.fixture(scope="module")
 def official_questions():
-    path = SHARED_DATA / "eq_bench_v2_questions_171.json"
-    if not path.is_file():
-        pytest.skip("the official v2 question file is in ../shared/data only on this project's machines")
-    return path
+    return OFFICIAL_EQBENCH
 
 
 def test_official_file_loads_171_items_with_fullscale_references(official_questions):

@@ -14,7 +14,7 @@ from evals.llama_cpp_model import LlamaCppModel
 from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
 from sweep.config import compose, load_config
-from sweep.runner import Sweep
+from sweep.trials.runner import Sweep
 
 from conftest import fast_overrides, run_cli
 
@@ -114,7 +114,7 @@ def test_torch_backend_answers_eqbench_like_llama_cpp(tmp_path):
     (Not on the shipped GGUF: transformers' tokenizer converted from it drops SmolLM2's digit
     splitting, so digits tokenize differently from llama.cpp; a real checkpoint has no such gap.)"""
     from merge_core.gguf_convert import convert_hf_to_gguf
-    from sweep.backends import TorchBackend
+    from sweep.trials.backends import TorchBackend
     from sweep.config import BackendConfig
     from tiny_models import build_tiny
 

@@ -9,16 +9,12 @@ import pytest
 from evals.eqbench_items import load_csv_questions, load_items, load_offline_items, load_questions, subset, v2_prompt
 from merge_core import SelfMergeError
 
-from conftest import SHARED_DATA
-
-OFFICIAL = SHARED_DATA / "eq_bench_v2_questions_171.json"
+from conftest import OFFICIAL_EQBENCH as OFFICIAL
 DIALOGUE = re.compile(r"in this dialogue:\n\n(.*)\n\[End dialogue\]\n\nAt the end of this dialogue, (.*?) would feel", re.DOTALL)
 
 
 @pytest.fixture(scope="module")
 def official():
-    if not OFFICIAL.is_file():
-        pytest.skip("the official v2 question file is in ../shared/data only on this project's machines")
     return load_questions(OFFICIAL)
 
 

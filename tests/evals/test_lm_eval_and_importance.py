@@ -15,7 +15,7 @@ from merge_core.errors import SelfMergeError
 from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
 from merge_core.torch_merge import load_causal_lm
-from sweep.backends import TorchBackend
+from sweep.trials.backends import TorchBackend
 from sweep.config import BackendConfig
 from tiny_models import build_tiny
 
@@ -106,8 +106,8 @@ def test_analyze_command_and_importance_prior_in_a_sweep(tmp_path, wikitext_file
     overrides = fast_overrides("prior", wikitext_file, 5, tmp_path) + common[:2] + space + ["backend=torch", "space.prior=importance", "sampler=tpe", "sampler.n_startup_trials=3"]
     run_cli("sweep", *overrides, cwd=tmp_path, check=True)
     from sweep.config import compose, load_config
-    from sweep.prior import prior_plans
-    from sweep.spaces import build_space
+    from sweep.search.prior import prior_plans
+    from sweep.search.spaces import build_space
     from merge_core.model_shape import ModelShape
 
     importance = LayerImportance.read(tmp_path / "prior" / "layer_importance.csv")

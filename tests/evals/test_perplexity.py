@@ -119,3 +119,23 @@ def test_missing_text_file_is_a_clear_error(tmp_path):
         load_text(str(tmp_path / "empty.txt"))
     with pytest.raises(SelfMergeError, match="hf:DATASET"):
         load_text("hf:only-a-name")
+
+
+def test_sliding_window_layers_on_longer_windows_score_as_transformers_own_forward(tmp_path):
+    """A Gemma 3 whose window (16) is shorter than the scored windows (64): its sliding layers see only
+    their window, as in transformers' forward (Gemma 3 270M at n_ctx 1024 or 2048 over its 512)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals.torch_model import TorchModel
+    from tiny_models import build_tiny
+
+    folder = build_tiny("gemma3", tmp_path / "gemma3", dtype=torch.float32, config={"sliding_window": 16})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(ids).logits[0, 31:-1].numpy()
+    scorer = TorchModel(model, AutoTokenizer.from_pretrained(folder), n_ctx=64)
+    np.testing.assert_allclose(scorer.scored_logits(ids[0].tolist(), 31), expected, atol=1e-4)
+    scorer._window = None  # every layer seeing the whole window: another model
+    assert not np.allclose(scorer.scored_logits(ids[0].tolist(), 31), expected, atol=1e-2)

@@ -220,7 +220,7 @@ def test_probes_and_kld_on_the_torch_backend(tmp_path):
     import torch
 
     from evals.perplexity import log_softmax_nll, references_of
-    from sweep.backends import TorchBackend
+    from sweep.trials.backends import TorchBackend
     from sweep.config import BackendConfig
     from tiny_models import build_tiny
 

@@ -148,3 +148,15 @@ def test_a_failed_merge_leaves_no_partial_file(base_gguf, tmp_path):
     with pytest.raises(SelfMergeError, match="truncated"):
         merge_gguf(truncated, PLAN, out)
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_a_header_is_read_once_per_version_of_its_file(base_gguf, tmp_path):
+    """A sweep merges from the same sources every trial: their headers are parsed once, and again only
+    when a file changes (here: another merge written over the same name)."""
+    out = tmp_path / "m.gguf"
+    merge_gguf(base_gguf, LayerPlan.parse("0-20,14-30"), out)
+    first = read_gguf_header(out)
+    assert read_gguf_header(out) is first and read_gguf_header(base_gguf) is read_gguf_header(base_gguf)
+    merge_gguf(base_gguf, PLAN, out)
+    again = read_gguf_header(out)
+    assert again is not first and again.block_count == PLAN.n_layers != first.block_count
