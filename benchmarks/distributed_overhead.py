@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the repository first: tests/sweep/ would shadow sweep/
 
 from pg_server import PostgresServer, find_bin_dir  # noqa: E402
 from sweep.study.open import load_study  # noqa: E402

@@ -31,7 +31,7 @@ from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_files import bundled_model_path
 from sweep.config import parse_size
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
 from tiny_models import build_finetune  # noqa: E402
 
 RESULTS = Path("results/benchmarks")

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the repository first: tests/sweep/ would shadow sweep/
 RESULTS = REPO / "results" / "benchmarks"
 
 

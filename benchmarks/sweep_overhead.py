@@ -4,6 +4,8 @@ plans) with TPE, on SQLite and (when a server binary is here) PostgreSQL.
 
     python benchmarks/sweep_overhead.py [--at 100 1000 5000 20000] [--storages sqlite postgresql] [--window 1000]
     python benchmarks/sweep_overhead.py --optuna-only   # the floor: Optuna alone, no selfmerge code
+    python benchmarks/sweep_overhead.py --plain-optuna  # the sweep on Optuna's own storage and TPE (the
+                                                        # guard's fallback, sweep/study/optuna_private.py)
 
 The study is filled to each checkpoint with finished trials of random plans (added in bulk, as a long
 sweep leaves them), then the sweep resumes for ``--measure`` trials there; a trial's time runs from
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results" / "benchmarks"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the repository first: tests/sweep/ would shadow sweep/
 
 import optuna  # noqa: E402
 
@@ -33,6 +36,7 @@ from pg_server import PostgresServer, find_bin_dir  # noqa: E402
 from sweep.config import SamplerConfig, compose, load_config  # noqa: E402
 from sweep.trials.runner import Sweep  # noqa: E402
 from sweep.search.samplers import make_sampler  # noqa: E402
+from sweep.study.optuna_private import PLAIN_ENV  # noqa: E402
 from sweep.trials.trial_work import TrialWork, merge_record  # noqa: E402
 
 
@@ -120,7 +124,10 @@ def main() -> None:
     parser.add_argument("--storages", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--window", type=int, default=1000, help="sampler.window (0: TPE over every trial)")
     parser.add_argument("--optuna-only", action="store_true", help="time Optuna alone: the floor under a trial")
+    parser.add_argument("--plain-optuna", action="store_true", help="the sweep as outside the tested Optuna range")
     args = parser.parse_args()
+    if args.plain_optuna:
+        os.environ[PLAIN_ENV] = "1"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if args.optuna_only:
@@ -148,8 +155,9 @@ def main() -> None:
     for storage, rows in results.items():
         print(f"{storage:>10s} " + " ".join(f"{rows[at]['median_ms']:>11.1f} / {rows[at]['p95_ms']:>8.1f}" for at in sorted(args.at)))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"sweep_overhead_w{args.window}.json"
-    out.write_text(json.dumps({"measure": args.measure, "window": args.window, "storages": results}, indent=2))
+    out = RESULTS / f"sweep_overhead_w{args.window}{'_plain_optuna' if args.plain_optuna else ''}.json"
+    summary = {"measure": args.measure, "window": args.window, "plain_optuna": args.plain_optuna, "storages": results}
+    out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 
 

@@ -66,3 +66,6 @@ class EvalSpec:
     scores: tuple[str, ...]  # fields ``selfmerge reproduce`` re-scores and compares
     seconds: str  # the field holding its wall time (trial.timeout=auto, cache hits)
     questions: Optional[Callable[[Any], set[str]]] = None  # config -> question_key of each item it asks
+    # the record fields of a plan's paired difference to the base (evals/stats.py), where it has one:
+    # mean difference, its 95% interval (low, high), p-value, items, smallest detectable difference
+    paired: Optional[tuple[str, str, str, str, str, str]] = None

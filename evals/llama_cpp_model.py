@@ -170,6 +170,26 @@ class LlamaCppModel:
         self._cached = []
         return self._decode(window, start=0, want=lambda pos: first <= pos < len(window) - 1)
 
+    def continuation_logprobs(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """log p(continuation | context) for each (context, continuation) of token ids, in order. The KV
+        cache keeps what one request shares with the previous (an item's choices share its context), up
+        to the last context token, whose logits predict the continuation's first token."""
+        results = []
+        for context, continuation in requests:
+            tokens = [*context, *continuation]
+            if len(tokens) > self.n_ctx:
+                raise SelfMergeError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+            first = len(context) - 1
+            keep = min(reusable_prefix(self._cached, tokens), first)
+            lib, ctx = self._lib, self.llm.ctx
+            self.llm.reset()
+            lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
+            rows = self._decode(tokens[keep:], start=keep, want=lambda pos: pos >= first and pos < len(tokens) - 1)
+            self._cached = tokens
+            targets = np.asarray(continuation, dtype=np.int64)
+            results.append(-float(log_softmax_nll(rows, targets).sum()))
+        return results
+
     def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
         targets = np.asarray(window[first + 1 :], dtype=np.int64)
         return log_softmax_nll(self.scored_logits(window, first), targets)

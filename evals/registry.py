@@ -7,7 +7,7 @@ rows is the order a trial runs them in: perplexity first, so a hopeless plan sto
 
 from __future__ import annotations
 
-from evals import eqbench_eval, lm_eval_bridge, ppl_eval, probe_eval
+from evals import bench, eqbench_eval, lm_eval_bridge, ppl_eval, probe_eval
 from evals.base import EvalSpec
 from merge_core.errors import SelfMergeError
 
@@ -17,6 +17,7 @@ EVALS: dict[str, EvalSpec] = {
         ppl_eval.SPEC,
         probe_eval.SPEC,
         eqbench_eval.SPEC,
+        bench.SPEC,
         lm_eval_bridge.SPEC,
     )
 }

@@ -55,6 +55,18 @@ class Field:
     LM_EVAL_TASKS = "lm_eval_tasks"
     LM_EVAL_SECONDS = "lm_eval_seconds"
 
+    # real benchmarks offline (evals/bench.py); against the base: the paired difference (evals/stats.py)
+    BENCH = "bench"  # the objective: eval.bench.metric (acc | acc_norm) averaged over the tasks
+    BENCH_TASKS = "bench_tasks"  # {task: {acc, acc_norm, n}}
+    BENCH_ITEMS = "bench_items"  # per item: id, task, each choice's log-likelihood, acc, acc_norm
+    BENCH_SECONDS = "bench_seconds"
+    BENCH_DIFF = "bench_diff"  # plan - base over the items both answered (accuracy: a share)
+    BENCH_DIFF_LOW = "bench_diff_low"  # its 95% interval (paired bootstrap)
+    BENCH_DIFF_HIGH = "bench_diff_high"
+    BENCH_P = "bench_p"  # McNemar's exact test, two-sided, uncorrected
+    BENCH_N = "bench_n"  # the items it rests on
+    BENCH_DETECTABLE = "bench_detectable"  # the smallest difference these items detect (80% power, 5%)
+
     # the sweep's bookkeeping (sweep/)
     CACHE_HIT_OF = "cache_hit_of"  # the trial that scored this plan first
     CLAIM = "claim"  # evaluate | wait: a plan another worker is scoring (sweep/study/twins.py)

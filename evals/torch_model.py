@@ -157,6 +157,29 @@ class TorchModel:
         """Raw logits predicting ``window[first + 1:]`` (one row per token), as LlamaCppModel's."""
         return self._scored_logits(torch.tensor([list(window)], device=self.device), first)[0].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """log p(continuation | context) for each (context, continuation) of token ids, in order: the
+        requests of similar length in one forward pass, right-padded (causal attention: a position never
+        sees the padding after it), ``batch_windows`` at a time."""
+        results = [0.0] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]) + len(requests[i][1]))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(order), self.batch_windows):
+            group = order[start : start + self.batch_windows]
+            sequences = [[*requests[i][0], *requests[i][1]] for i in group]
+            width = max(map(len, sequences))
+            if width > self.n_ctx:
+                raise SelfMergeError(f"{width} tokens do not fit the context of {self.n_ctx}")
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=self.device)
+            logprobs = torch.log_softmax(self._scored_logits(ids, 0).float(), dim=-1)  # predicting ids[:, 1:]
+            for row, i in enumerate(group):
+                context, continuation = requests[i]
+                targets = torch.tensor(list(continuation), device=logprobs.device)
+                positions = torch.arange(len(context) - 1, len(context) - 1 + len(continuation), device=logprobs.device)
+                results[i] = float(logprobs[row, positions, targets].sum())
+        return results
+
     def window_nll(self, window: Sequence[int], first: int) -> np.ndarray:
         return self.windows_nll([window], first)[0]
 

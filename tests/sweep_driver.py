@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the repository before tests/: tests/sweep/ (the tests of sweep/) would otherwise shadow the package
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 import sweep.trials.callbacks as callbacks  # noqa: E402
 import sweep.trials.runner as runner  # noqa: E402

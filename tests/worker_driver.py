@@ -8,7 +8,8 @@ import functools
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the repository before tests/: tests/sweep/ (the tests of sweep/) would otherwise shadow the package
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from conftest import fast_overrides  # noqa: E402
 from faults import CheapWork  # noqa: E402

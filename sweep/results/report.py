@@ -8,6 +8,8 @@ layer_maps.png   the best plans drawn as which base layer sits at each output po
 repeat_map.png   RYS's picture: the score of every plan that repeats one block (i, j) once, over start
                  and end layer, coloured around the base's score; repeat_map.html the same with hover
 validation.png   the sweep's score against the held-out benchmark's (selfmerge validate), with Spearman
+differences.png  each plan's paired difference to the base with its 95% interval, the base as the line at 0:
+                 the best plans of the sweep, and the validated ones (Holm-corrected verdict)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from evals.registry import EVALS
 from evals.schema import Field, StudyKey
 from merge_core.layer_plan import LayerPlan
 from sweep.results.records import VALIDATION_DIR, distinct_plans, leaderboard_frame
@@ -284,6 +287,42 @@ def plot_validation(directory: Path) -> tuple[Path | None, str]:
     return _save(fig, directory / "validation.png"), text
 
 
+def plot_differences(directory: Path, frame: pd.DataFrame, top: int = 15) -> Path | None:
+    """Intervals of the paired difference to the base (evals/stats.py): the sweep's ``top`` best plans by
+    it, and the validated plans (filled where Holm's correction says they beat the base)."""
+    panels = []
+    for name, spec in EVALS.items():
+        diff, low, high = spec.paired[:3] if spec.paired else (None, None, None)
+        if diff in frame and frame[diff].notna().any():
+            rows = frame[frame[diff].notna()].drop_duplicates(Field.PLAN).nlargest(top, diff)
+            panels.append((f"{name}: sweep (items of the search part)", rows, diff, low, high, None))
+    summary_path = directory / VALIDATION_DIR / "summary.json"
+    if summary_path.is_file():
+        models = pd.DataFrame(json.loads(summary_path.read_text(encoding="utf-8"))["models"])
+        for column in [c for c in models.columns if c.startswith(Field.VALIDATED) and c.endswith("_diff")]:
+            stem = column[: -len("diff")]
+            rows = models[models[column].notna()]
+            panels.append((f"{stem[len(Field.VALIDATED):-1]}: validated (held-out items)", rows, column,
+                           stem + "low", stem + "high", stem + "beats_base"))  # fmt: skip
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.35 * sum(len(p[1]) for p in panels) + len(panels)),
+                             squeeze=False)  # fmt: skip
+    for ax, (title, rows, diff, low, high, beats) in zip(axes[:, 0], panels):
+        y = np.arange(len(rows))[::-1]
+        errors = [rows[diff] - rows[low], rows[high] - rows[diff]]
+        ax.errorbar(rows[diff], y, xerr=errors, fmt="none", ecolor="tab:blue", capsize=3)
+        filled = rows[beats].astype(bool) if beats else pd.Series(False, index=rows.index)
+        ax.scatter(rows[diff], y, c=["tab:green" if f else "white" for f in filled], edgecolors="tab:blue", zorder=3)
+        ax.axvline(0, color="tab:red", label="the base")
+        ax.set_yticks(y, [str(plan) for plan in rows[Field.PLAN]], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("plan - base, 95% interval (filled: beats the base after Holm's correction)", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, directory / "differences.png")
+
+
 def write_report(study: optuna.Study, directory: Path) -> Path:
     names = study.user_attrs.get(StudyKey.OBJECTIVES, [Field.PPL])
     directions = [d.name.lower() for d in study.directions]
@@ -296,7 +335,8 @@ def write_report(study: optuna.Study, directory: Path) -> Path:
             plots["pareto"] = plot_pareto(frame, names[:2], directions[:2], directory / "pareto.png")
     n_base = study.user_attrs.get(StudyKey.N_BASE_LAYERS, 0) or 1
     base_value = study.user_attrs.get(StudyKey.BASE, {}).get(names[0])
-    for key, made in (("importance", plot_importance(study, directory / "importance.png")),
+    for key, made in (("differences", plot_differences(directory, frame)),
+                      ("importance", plot_importance(study, directory / "importance.png")),
                       ("layer_maps", plot_layer_maps(frame, names[0], n_base, directory / "layer_maps.png")),
                       ("repeat_map", plot_repeat_map(frame, names[0], directions[0], n_base, base_value, directory))):  # fmt: skip
         if made is not None:

@@ -33,6 +33,8 @@ from evals.base import EvalContext, Evaluation
 from evals.eqbench_items import OFFLINE, OFFICIAL
 from evals.registry import EVALS
 from evals.registry import get as get_eval
+from evals.stats import PairedDifference, holm
+from evals.stats import verdict as stats_verdict
 from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError, read_json
 from merge_core.layer_plan import LayerPlan
@@ -43,7 +45,8 @@ from sweep.results.records import VALIDATION_DIR, atomic_write_text, merged_tria
 
 log = logging.getLogger("selfmerge")
 
-DEFAULT_TOP_K = 5  # when a probe or EQ-Bench logits mode is the objective
+DEFAULT_TOP_K = 5  # when a probe, a real benchmark or EQ-Bench logits mode is the objective
+HELD_OUT_ITEMS = 500  # per task of eval=bench: a 4-point gain at ~60% accuracy is seen 4 times in 5
 CHUNK = 8  # items scored between two writes of their rows: at most this many are lost to a kill
 TRANSFERS = 0.6  # Spearman from which the sweep's ranking is said to carry over
 HELD_OUT = {  # a shipped probe -> the benchmark, in its published form, that validates it
@@ -67,6 +70,9 @@ def default_evals(objective: str, evals: dict[str, dict]) -> tuple[int, dict[str
             else:
                 chosen[name] = json.loads(json.dumps(settings))
         return DEFAULT_TOP_K, chosen
+    if objective == Field.BENCH:  # the same tasks and metric on held-out items, as many as a verdict needs
+        settings = {**evals[Field.BENCH], "part": "held_out", "n_items": HELD_OUT_ITEMS}
+        return DEFAULT_TOP_K, {Field.BENCH: settings}
     if objective == Field.EQBENCH and evals[Field.EQBENCH].get("mode") == "logits":
         if evals[Field.EQBENCH].get("questions") != OFFLINE:
             raise SelfMergeError("sweep.validate.evals: name held-out EQ-Bench questions for this sweep's question set, "
@@ -294,12 +300,38 @@ def write_summary(
     )  # ties: the sweep's order
     rho = spearman(frame[objective], frame[first])
     verdict = transfer_verdict(objective, first, rho, frame)
+    for name in names:  # evaluations with a paired difference to the base: Holm's verdict over the plans
+        if EVALS[name].paired:
+            frame, said = _versus_base(frame, name, models, records)
+            verdict += f". {name} on held-out items: {said}"
     summary = {"objective": objective, "validated": names, "settings": validation.fingerprint(), "spearman": rho, "verdict": verdict,
                "models": frame.astype(object).where(frame.notna(), None).to_dict("records")}  # fmt: skip
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(folder / "summary.csv", frame.to_csv(index=False))
     log.info("%s", verdict)
     return frame
+
+
+def _versus_base(frame: pd.DataFrame, name: str, models: list, records: dict) -> tuple[pd.DataFrame, str]:
+    """Columns of each plan's paired difference to the base on ``name`` (difference, 95% interval,
+    Holm-corrected p, beats the base) and the sentence saying which plans beat it, if any."""
+    fields = EVALS[name].paired
+    plans = [(label, plan) for label, plan, trial in models if trial is not None and fields[0] in records[label]]
+    differences = [_paired(records[label], fields) for label, _ in plans]
+    beats, said = stats_verdict([str(plan) for _, plan in plans], differences)
+    adjusted = holm([d.p_value for d in differences])
+    by_label = {label: (d, p, b) for (label, _), d, p, b in zip(plans, differences, adjusted, beats)}
+    prefix = f"{Field.VALIDATED}{name}_"
+    columns = {"diff": lambda d, p, b: d.diff, "low": lambda d, p, b: d.low, "high": lambda d, p, b: d.high,
+               "p_holm": lambda d, p, b: p, "beats_base": lambda d, p, b: b}  # fmt: skip
+    for column, pick in columns.items():
+        frame[prefix + column] = [pick(*by_label[label]) if label in by_label else None for label in frame["trial"]]
+    return frame, said
+
+
+def _paired(record: dict, fields: tuple[str, ...]) -> PairedDifference:
+    diff, low, high, p_value, n, detectable = (record[f] for f in fields)
+    return PairedDifference(n=n, diff=diff, low=low, high=high, p_value=p_value, detectable=detectable, test="")
 
 
 def spearman(a, b) -> float:
@@ -324,4 +356,5 @@ def transfer_verdict(objective: str, validated: str, rho: float, frame: pd.DataF
         not base.empty and best["trial"] != "base" and best[Field.FINAL_RANK] < base[Field.FINAL_RANK].iloc[0]
     )
     return (f"the {objective} ranking {word} the held-out benchmark: Spearman {rho:.2f} with {validated} over {n} models; "
-            f"best validated: {best[Field.PLAN]} ({'beats' if beats else 'does not beat'} the base)")  # fmt: skip
+            f"best validated: {best[Field.PLAN]} ({'ranks above' if beats else 'does not rank above'} the base; "
+            "a rank is not a significant gain)")  # fmt: skip

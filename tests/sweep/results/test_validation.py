@@ -168,3 +168,38 @@ def test_validate_takes_the_held_out_set_of_a_user_probe_from_its_command_line()
     assert settings_for(study, overrides=("probe.probes=[held.jsonl]",)) == (5, {"probe": {"probes": ["held.jsonl"]}})
     with pytest.raises(SelfMergeError, match=r"'mine.jsonl'.*or on this command line, e.g. probe.probes="):
         settings_for(study)
+
+
+def test_the_verdict_on_a_real_benchmark_is_holm_corrected_and_paired(tmp_path):
+    """Three plans validated on held-out bench items: one clearly better than the base, one level, one
+    a little better (not enough after the correction); only the first "beats the base"."""
+    import optuna
+
+    from evals.bench import PAIRED, versus_base
+    from evals.schema import StudyKey
+    from merge_core.layer_plan import LayerPlan
+    from sweep.results.validation import write_summary
+
+    base_rows = [{"id": f"piqa/{i}", "acc_norm": int(i < 100)} for i in range(200)]
+    plans = {  # which of 200 items each plan gets right (the base: the first 100)
+        "0-16,8-30": lambda i: i < 160,
+        "0-20,14-30": lambda i: i >= 100,
+        "0-12,6-30": lambda i: i < 90 or 100 <= i < 123,  # 23 gained, 10 lost
+    }
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(StudyKey.OBJECTIVES, ["bench"])
+    study.set_user_attr(StudyKey.BASE, {"bench": 0.5})
+    models, records = [("base", LayerPlan.identity(30), None)], {"base": {"bench": 0.5}}
+    for number, (plan, right) in enumerate(plans.items()):
+        rows = [{"id": f"piqa/{i}", "acc_norm": int(right(i))} for i in range(200)]
+        score = sum(row["acc_norm"] for row in rows) / 200
+        study.add_trial(optuna.create_trial(value=score, user_attrs={"plan": plan, "bench": score}))
+        records[number] = {"bench": score, **versus_base(rows, base_rows, "acc_norm")}
+        models.append((number, LayerPlan.parse(plan), study.trials[-1]))
+    assert 0.025 < records[2][PAIRED[3]] < 0.05  # uncorrected: significant ...
+    frame = write_summary(study, tmp_path, models, records, sections({"bench": {"part": "held_out"}}))
+    beats = dict(zip(frame["plan"], frame["validated_bench_beats_base"]))
+    assert beats == {"0-30": None, "0-16,8-30": True, "0-20,14-30": False, "0-12,6-30": False}  # ... not after Holm
+    verdict = json.loads((tmp_path / "summary.json").read_text())["verdict"]
+    assert "bench on held-out items: 1 of 3 plans beat the base after Holm's correction over 3: 0-16,8-30 (+0.3" in verdict
+    assert frame.loc[frame["plan"] == "0-16,8-30", "validated_bench_low"].item() > 0
