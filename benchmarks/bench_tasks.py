@@ -42,27 +42,31 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100, help="items per task")
     parser.add_argument("--backends", nargs="+", default=["llama_cpp", "torch"])
     parser.add_argument("--part", default="held_out")
-    parser.add_argument("--model", default=None, help="a GGUF or HF folder (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help="a GGUF or HF folder (default: the bundled model)")
     args = parser.parse_args()
     model = Path(args.model) if args.model else bundled_model_path()
     rows = []
     for kind in args.backends:
-        backend = make_backend(model, BackendConfig(kind=kind, device="cpu", dtype="float32"), OUT / "bench_work")
+        config = BackendConfig(kind=kind, device="cpu", dtype="float32")
+        backend = make_backend(model, config, OUT / "bench_work")
         for task in args.tasks:
             config = BenchConfig(tasks=(task,), n_items=args.items, part=args.part)
             evaluation = BenchEval(config, backend.open_model)
             start = time.perf_counter()
             scored = evaluation.rows(backend.base, chosen_items(config))
             seconds = time.perf_counter() - start
-            row = {"backend": kind, "task": task, "n": len(scored), "s_per_100_items": round(100 * seconds / len(scored), 1)}
+            row = {"backend": kind, "task": task, "n": len(scored),
+                   "s_per_100_items": round(100 * seconds / len(scored), 1)}  # fmt: skip
             for metric in ("acc", "acc_norm"):
                 hits = [r[metric] for r in scored]
                 low, high = interval(hits)
-                row.update({metric: round(float(np.mean(hits)), 4), f"{metric}_low": round(low, 4), f"{metric}_high": round(high, 4)})
+                row.update({metric: round(float(np.mean(hits)), 4), f"{metric}_low": round(low, 4),
+                            f"{metric}_high": round(high, 4)})  # fmt: skip
             rows.append(row)
-            print(f"{kind:>9s} {task:>16s} n={row['n']:4d} acc {row['acc']:.3f} [{row['acc_low']:.3f}, {row['acc_high']:.3f}]"
-                  f" acc_norm {row['acc_norm']:.3f} [{row['acc_norm_low']:.3f}, {row['acc_norm_high']:.3f}]"
-                  f" {row['s_per_100_items']:6.1f} s/100 items", flush=True)  # fmt: skip
+            said = " ".join(f"{m} {row[m]:.3f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]"
+                            for m in ("acc", "acc_norm"))  # fmt: skip
+            cost = f"{row['s_per_100_items']:6.1f} s/100 items"
+            print(f"{kind:>9s} {task:>16s} n={row['n']:4d} {said} {cost}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / "bench_tasks.json"
     out.write_text(json.dumps({"model": str(model), "part": args.part, "machine": platform.machine(),

@@ -95,8 +95,8 @@ def load_task(task: str) -> tuple[BenchItem, ...]:
             row = json.loads(line)
             if row["doc_id"] >= UNCONDITIONAL or row["request_type"] != "loglikelihood":
                 continue
-            doc = choices.setdefault(row["doc_id"], {"id": f"{task}/{row['doc_id']}", "gold": row["label"], "req": {}})
-            doc["req"][row["idx"]] = (row["request"]["context"], row["request"]["continuation"])
+            doc = choices.setdefault(row["doc_id"], {"id": f"{task}/{row['doc_id']}", "gold": row["label"]})
+            doc.setdefault("req", {})[row["idx"]] = (row["request"]["context"], row["request"]["continuation"])
     return tuple(BenchItem(d["id"], task, tuple(d["req"][i] for i in sorted(d["req"])), int(d["gold"]))
                  for d in choices.values())  # fmt: skip
 
@@ -127,8 +127,8 @@ class BenchConfig:
 
 def chosen_items(config: BenchConfig) -> list[BenchItem]:
     """``n_items`` of each task's part, the same for a seed; tasks in the configured order."""
-    return [item for task in config.tasks
-            for item in subset([i for i in load_task(task) if i.part == config.part], config.n_items, config.seed)]  # fmt: skip
+    parts = {task: [item for item in load_task(task) if item.part == config.part] for task in config.tasks}
+    return [item for task in config.tasks for item in subset(parts[task], config.n_items, config.seed)]
 
 
 def encode_pair(model, context: str, continuation: str, bos: list[int]) -> tuple[list[int], list[int]]:
@@ -190,7 +190,8 @@ class BenchEval:
         metric, tasks = self.config.metric, {}
         for task in dict.fromkeys(row["task"] for row in rows):
             mine = [row for row in rows if row["task"] == task]
-            tasks[task] = {m: round(float(np.mean([row[m] for row in mine])), 4) for m in METRICS} | {"n": len(mine)}
+            tasks[task] = {**{m: round(float(np.mean([row[m] for row in mine])), 4) for m in METRICS},
+                           "n": len(mine)}  # fmt: skip
         fields = {
             Field.BENCH: round(float(np.mean([t[metric] for t in tasks.values()])), 4),
             Field.BENCH_TASKS: tasks,

@@ -184,7 +184,7 @@ class LlamaCppModel:
             lib, ctx = self._lib, self.llm.ctx
             self.llm.reset()
             lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
-            rows = self._decode(tokens[keep:], start=keep, want=lambda pos: pos >= first and pos < len(tokens) - 1)
+            rows = self._decode(tokens[keep:], start=keep, want=lambda pos: first <= pos < len(tokens) - 1)
             self._cached = tokens
             targets = np.asarray(continuation, dtype=np.int64)
             results.append(-float(log_softmax_nll(rows, targets).sum()))

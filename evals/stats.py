@@ -78,7 +78,8 @@ def detectable_difference(sd: float, n: int, alpha: float = ALPHA, power: float 
     return float(z * sd / math.sqrt(n))
 
 
-def paired_difference(plan: Sequence[float], base: Sequence[float], binary: Optional[bool] = None) -> PairedDifference:
+def paired_difference(plan: Sequence[float], base: Sequence[float],
+                      binary: Optional[bool] = None) -> PairedDifference:  # fmt: skip
     """``plan`` and ``base``: per-item scores on the same items, in the same order. ``binary`` (right or
     wrong items, 1/0): McNemar's test; it is read off the scores when not given."""
     plan_a, base_a = np.asarray(plan, dtype=float), np.asarray(base, dtype=float)
@@ -116,7 +117,8 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def verdict(names: Sequence[str], differences: Sequence[PairedDifference], unit: str = "") -> tuple[list[bool], str]:
+def verdict(names: Sequence[str], differences: Sequence[PairedDifference],
+            unit: str = "") -> tuple[list[bool], str]:  # fmt: skip
     """Which of ``names`` beat the base after Holm's correction over all of them, and a sentence saying
     so; where none did, by how much one would have had to differ to be seen."""
     if not differences:
@@ -125,12 +127,14 @@ def verdict(names: Sequence[str], differences: Sequence[PairedDifference], unit:
     beats = [p < ALPHA and d.diff > 0 for p, d in zip(adjusted, differences)]
     k = len(differences)
     if any(beats):
-        shown = ", ".join(f"{name} ({d.diff:+.4g}{unit}, 95% CI {d.low:+.4g} to {d.high:+.4g}, Holm p={p:.3g}, "
-                          f"n={d.n})" for name, d, p, b in zip(names, differences, adjusted, beats) if b)  # fmt: skip
+        shown = ", ".join(
+            f"{name} ({d.diff:+.4g}{unit}, 95% CI {d.low:+.4g} to {d.high:+.4g}, Holm p={p:.3g}, n={d.n})"
+            for name, d, p, b in zip(names, differences, adjusted, beats) if b
+        )  # fmt: skip
         return beats, f"{sum(beats)} of {k} plans beat the base after Holm's correction over {k}: {shown}"
     best = max(range(k), key=lambda i: differences[i].diff)
     d = differences[best]
     need = min(x.detectable for x in differences)
-    return beats, (f"no plan was shown better than the base (Holm's correction over {k}); the best, {names[best]}, "
-                   f"differs by {d.diff:+.4g}{unit} (95% CI {d.low:+.4g} to {d.high:+.4g}, n={d.n}); "
-                   f"these items detect a difference of about {need:.3g}{unit} or more")  # fmt: skip
+    return beats, (f"no plan was shown better than the base (Holm's correction over {k}); the best, "
+                   f"{names[best]}, differs by {d.diff:+.4g}{unit} (95% CI {d.low:+.4g} to {d.high:+.4g}, "
+                   f"n={d.n}); these items detect a difference of about {need:.3g}{unit} or more")  # fmt: skip

@@ -38,7 +38,8 @@ def sliding_mask(length: int, window: int, dtype: torch.dtype, device) -> torch.
     q = torch.arange(length, device=device).unsqueeze(1)
     k = torch.arange(length, device=device).unsqueeze(0)
     seen = (k <= q) & (q - k < window)
-    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)[None, None]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~seen, torch.finfo(dtype).min)[None, None]
 
 
 GQA_ATTENTION = "selfmerge_sdpa_gqa"
@@ -176,7 +177,7 @@ class TorchModel:
             for row, i in enumerate(group):
                 context, continuation = requests[i]
                 targets = torch.tensor(list(continuation), device=logprobs.device)
-                positions = torch.arange(len(context) - 1, len(context) - 1 + len(continuation), device=logprobs.device)
+                positions = len(context) - 1 + torch.arange(len(continuation), device=logprobs.device)
                 results[i] = float(logprobs[row, positions, targets].sum())
         return results
 

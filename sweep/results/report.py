@@ -307,14 +307,15 @@ def plot_differences(directory: Path, frame: pd.DataFrame, top: int = 15) -> Pat
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.35 * sum(len(p[1]) for p in panels) + len(panels)),
-                             squeeze=False)  # fmt: skip
+    height = 1.2 + 0.35 * sum(len(rows) for _, rows, *_ in panels) + len(panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, height), squeeze=False)
     for ax, (title, rows, diff, low, high, beats) in zip(axes[:, 0], panels):
         y = np.arange(len(rows))[::-1]
         errors = [rows[diff] - rows[low], rows[high] - rows[diff]]
         ax.errorbar(rows[diff], y, xerr=errors, fmt="none", ecolor="tab:blue", capsize=3)
         filled = rows[beats].astype(bool) if beats else pd.Series(False, index=rows.index)
-        ax.scatter(rows[diff], y, c=["tab:green" if f else "white" for f in filled], edgecolors="tab:blue", zorder=3)
+        colours = ["tab:green" if f else "white" for f in filled]
+        ax.scatter(rows[diff], y, c=colours, edgecolors="tab:blue", zorder=3)
         ax.axvline(0, color="tab:red", label="the base")
         ax.set_yticks(y, [str(plan) for plan in rows[Field.PLAN]], fontsize=7)
         ax.set_title(title, fontsize=9)

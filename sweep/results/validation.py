@@ -316,7 +316,8 @@ def _versus_base(frame: pd.DataFrame, name: str, models: list, records: dict) ->
     """Columns of each plan's paired difference to the base on ``name`` (difference, 95% interval,
     Holm-corrected p, beats the base) and the sentence saying which plans beat it, if any."""
     fields = EVALS[name].paired
-    plans = [(label, plan) for label, plan, trial in models if trial is not None and fields[0] in records[label]]
+    plans = [(label, plan) for label, plan, trial in models
+             if trial is not None and fields[0] in records[label]]  # fmt: skip
     differences = [_paired(records[label], fields) for label, _ in plans]
     beats, said = stats_verdict([str(plan) for _, plan in plans], differences)
     adjusted = holm([d.p_value for d in differences])
@@ -325,7 +326,8 @@ def _versus_base(frame: pd.DataFrame, name: str, models: list, records: dict) ->
     columns = {"diff": lambda d, p, b: d.diff, "low": lambda d, p, b: d.low, "high": lambda d, p, b: d.high,
                "p_holm": lambda d, p, b: p, "beats_base": lambda d, p, b: b}  # fmt: skip
     for column, pick in columns.items():
-        frame[prefix + column] = [pick(*by_label[label]) if label in by_label else None for label in frame["trial"]]
+        frame[prefix + column] = [pick(*by_label[label]) if label in by_label else None
+                                  for label in frame["trial"]]  # fmt: skip
     return frame, said
 
 

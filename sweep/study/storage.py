@@ -23,7 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from merge_core.errors import SelfMergeError
 from sweep.study.optuna_private import (
-    CachedStorage, TrialModel, TrialUserAttributeModel, scoped_session, speedups, storage_ready,
+    CachedStorage, TrialModel, TrialUserAttributeModel, check_needed, scoped_session, speedups, storage_ready,
 )  # fmt: skip
 
 STORAGE_ATTEMPTS = 5  # several workers starting together race to create the RDB schema
@@ -37,6 +37,7 @@ def is_journal(url: str) -> bool:
 def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorage:
     """An RDB URL (sqlite:///, postgresql://, mysql://) with Optuna's heartbeat, or journal:PATH
     (JournalStorage, for clusters with a shared file system and no database; sweep/study/heartbeat.py)."""
+    check_needed()  # the private attributes no sweep can do without: refused here, on one line
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     if is_journal(url):

@@ -98,7 +98,8 @@ def base_once(study: optuna.Study, worker: str, score: Callable[[], dict], heart
             now = time.time()
             claims = {name[len(StudyKey.BASE_CLAIM):]: value for name, value in attrs.items()
                       if name.startswith(StudyKey.BASE_CLAIM)}  # fmt: skip
-            live = sorted((first, name) for name, (first, last) in claims.items() if now - last <= 2 * heartbeat_seconds)
+            live = sorted((first, name) for name, (first, last) in claims.items()
+                          if now - last <= 2 * heartbeat_seconds)  # fmt: skip
             first = live[0][1] if live else worker
             if first == worker:
                 record = score()

@@ -4,7 +4,9 @@ scoring rules, the search and held-out parts kept apart, and a missing package r
 import numpy as np
 import pytest
 
-from evals.bench import TASKS, BenchConfig, BenchEval, BenchItem, chosen_items, encode_pair, load_task, score_item
+from evals.bench import (
+    TASKS, BenchConfig, BenchEval, BenchItem, chosen_items, encode_pair, load_task, score_item,
+)  # fmt: skip
 from evals.llama_cpp_model import LlamaCppModel
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_convert import convert_hf_to_gguf

@@ -69,7 +69,7 @@ def test_outside_the_tested_optuna_the_sweep_falls_back_and_says_so_once(guard, 
     assert storage is RDBStorage and sampler is optuna.samplers.TPESampler
     [line] = caplog.messages  # once per process, on one line
     assert line.startswith("Optuna's own storage and TPE") and reason in line, line
-    assert "the same plans and scores" in line and "\n" not in line
+    assert "the same plans and scores up to 2 x sampler.window trials" in line and "\n" not in line
 
 
 def test_a_storage_instance_without_the_attributes_it_reads_falls_back(guard, tmp_path, caplog):
@@ -94,3 +94,16 @@ def test_the_fallback_gives_the_same_leaderboard(tmp_path, wikitext_file):
         timings = [c for c in board.columns if c.endswith(("seconds", "_mb", "per_second")) or c == "model_file"]
         boards[mode] = board.drop(columns=timings)  # what the machine measured, not what was scored
     pd.testing.assert_frame_equal(boards["fast"], boards["plain"])
+
+
+def test_an_optuna_without_the_attributes_every_sweep_needs_is_refused_on_one_line(guard, tmp_path):
+    from merge_core.errors import SelfMergeError
+
+    optuna_private.check_needed.cache_clear()
+    guard.setattr(optuna_private, "_NEEDED", (("Study", "_storage"), ("Trial", "_no_such_id")))
+    try:
+        with pytest.raises(SelfMergeError, match=r"Optuna .* has no Trial._no_such_id, which selfmerge needs; "
+                                                 r"install optuna>=4.9,<5.2"):  # fmt: skip
+            make_storage(f"sqlite:///{tmp_path / 'study.db'}", 60)
+    finally:
+        optuna_private.check_needed.cache_clear()

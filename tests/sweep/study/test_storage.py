@@ -10,12 +10,23 @@ import pytest
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 
+from sweep.study import optuna_private
 from sweep.study.optuna_private import set_user_attrs
 from sweep.study.storage import SweepStorage, make_storage
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Heartbeat of storage:UserWarning"
 )  # ask/tell without optimize
+
+
+@pytest.fixture(autouse=True)
+def speedups_on(monkeypatch):
+    """These are SweepStorage's own tests: on whatever SELFMERGE_PLAIN_OPTUNA says (CI runs the study's
+    tests once more with it set, for the rest of them)."""
+    monkeypatch.delenv(optuna_private.PLAIN_ENV, raising=False)
+    optuna_private._why_not.cache_clear()
+    yield
+    optuna_private._why_not.cache_clear()
 
 
 def _study(url: str, name: str = "s") -> optuna.Study:

@@ -158,3 +158,19 @@ def test_damaged_study_is_one_line_and_rebuilt_from_its_records(tmp_path, wikite
     kept = after[after["trial"].isin(before["trial"])].set_index("trial")[["plan", "ppl", "rank"]]
     assert len(after) == len(before) + 1
     pd.testing.assert_series_equal(kept["ppl"].sort_index(), before.set_index("trial")["ppl"].sort_index(), check_names=False)
+
+
+def test_a_stop_before_the_plan_is_drawn_says_so_and_retries_nothing(tmp_path):
+    """SIGTERM while the sampler draws: the trial has no plan, so there is nothing to retry (it said
+    ``trial 11895 (None) is retried first``)."""
+    from types import SimpleNamespace
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    study.tell(study.ask(), state=TrialState.FAIL)
+    stop = StopSweep("stopped by SIGTERM", status=143)
+    stop.trial_number = 0
+    Sweep._after_stop(SimpleNamespace(directory=tmp_path), study, stop)
+    assert stop.message == ("stopped by SIGTERM: trial 0 had not drawn its plan yet; finished trials are saved, "
+                            "rerun the same command to resume")  # fmt: skip
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # no retry enqueued
+    assert json.loads((tmp_path / "trials" / "0.json").read_text())["state"] == "FAIL"
