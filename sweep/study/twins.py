@@ -13,8 +13,8 @@ waits for no one: no cycle, no deadlock. Everything goes through the shared Optu
 from __future__ import annotations
 
 import logging
-import time
 import threading
+import time
 from typing import Callable
 
 import optuna

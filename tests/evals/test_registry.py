@@ -21,7 +21,7 @@ def test_every_entry_is_complete():
 
 
 def test_unknown_evaluation_is_refused_by_name():
-    with pytest.raises(SelfMergeError, match=r"unknown evaluation 'bleu'; choose from \['ppl', 'probe', 'eqbench', 'lm_eval'\]"):
+    with pytest.raises(SelfMergeError, match=r"unknown evaluation 'bleu'; choose from \['ppl', 'probe', 'eqbench', 'bench', 'lm_eval'\]"):
         get("bleu")
     with pytest.raises(SelfMergeError, match="unknown evaluation 'bleu'"):
         _eval_config({"ppl": {}, "bleu": {}})
