@@ -294,7 +294,8 @@ def plot_differences(directory: Path, frame: pd.DataFrame, top: int = 15) -> Pat
     for name, spec in EVALS.items():
         diff, low, high = spec.paired[:3] if spec.paired else (None, None, None)
         if diff in frame and frame[diff].notna().any():
-            rows = frame[frame[diff].notna()].drop_duplicates(Field.PLAN).nlargest(top, diff)
+            rows = frame[frame[diff].notna()].drop_duplicates(Field.PLAN)
+            rows = rows.assign(**{c: pd.to_numeric(rows[c]) for c in (diff, low, high)}).nlargest(top, diff)
             panels.append((f"{name}: sweep (items of the search part)", rows, diff, low, high, None))
     summary_path = directory / VALIDATION_DIR / "summary.json"
     if summary_path.is_file():
@@ -302,6 +303,7 @@ def plot_differences(directory: Path, frame: pd.DataFrame, top: int = 15) -> Pat
         for column in [c for c in models.columns if c.startswith(Field.VALIDATED) and c.endswith("_diff")]:
             stem = column[: -len("diff")]
             rows = models[models[column].notna()]
+            rows = rows.assign(**{c: pd.to_numeric(rows[c]) for c in (column, stem + "low", stem + "high")})
             panels.append((f"{stem[len(Field.VALIDATED):-1]}: validated (held-out items)", rows, column,
                            stem + "low", stem + "high", stem + "beats_base"))  # fmt: skip
     if not panels:

@@ -60,3 +60,23 @@ def test_repeat_map_draws_every_single_block_repeat(tmp_path):
     page = (tmp_path / "repeat_map.html").read_text()
     assert page.count('title="plan ') == 3 and 'title="plan 0-14,10-30 (repeat 10..13): ppl 11, 0.957x the base; rank 1"' in page
     assert plot_repeat_map(frame.head(1), "ppl", "minimize", 30, 11.5, tmp_path / "none") is None  # one plan: no map
+
+
+def test_differences_are_drawn_with_their_intervals_from_the_leaderboard_and_the_validation(tmp_path):
+    """As a leaderboard holds them: the base's row without a difference (object columns, None)."""
+    import json
+
+    import pandas as pd
+
+    from sweep.results.report import plot_differences
+
+    frame = pd.DataFrame({"plan": ["0-30", "0-16,8-30", "0-20,14-30"], "bench_diff": [None, 0.05, -0.1],
+                          "bench_diff_low": [None, -0.02, -0.2], "bench_diff_high": [None, 0.12, 0.0]}, dtype=object)
+    assert plot_differences(tmp_path, frame.iloc[:1]) is None  # nothing compared: no plot
+    (tmp_path / "validation").mkdir()
+    models = [{"trial": "base", "plan": "0-30", "validated_bench_diff": None},
+              {"trial": 1, "plan": "0-16,8-30", "validated_bench_diff": 0.04, "validated_bench_low": 0.01,
+               "validated_bench_high": 0.07, "validated_bench_beats_base": True}]  # fmt: skip
+    (tmp_path / "validation" / "summary.json").write_text(json.dumps({"models": models}))
+    path = plot_differences(tmp_path, frame)
+    assert path == tmp_path / "differences.png" and path.stat().st_size > 10_000
