@@ -141,9 +141,9 @@ def encode_pair(model, context: str, continuation: str, bos: list[int]) -> tuple
     return bos + head, whole[len(head) :]
 
 
-def score_item(model, item: BenchItem) -> dict:
-    """One item's row: the log-likelihood of each choice; right by acc and by acc_norm."""
-    bos = [model.bos_for_windows] if model.bos_for_windows is not None else []
+def score_item(model, item: BenchItem, bos: list[int]) -> dict:
+    """One item's row: the log-likelihood of each choice; right by acc and by acc_norm. ``bos``: the BOS
+    token before every context where the model adds one (asked once per model)."""
     logprobs = model.continuation_logprobs([encode_pair(model, c, x, bos) for c, x in item.requests])
     lengths = np.array([len(continuation) for _, continuation in item.requests], dtype=float)
     return {"id": item.id, "task": item.task, "logprobs": [round(v, 4) for v in logprobs],
@@ -164,8 +164,9 @@ class BenchEval:
 
     def rows(self, model, items: list[BenchItem], progress: bool = False) -> list[dict]:
         with self.open_model(model, n_ctx=self.config.n_ctx, threads=self.config.threads) as opened:
+            bos = [opened.bos_for_windows] if opened.bos_for_windows is not None else []
             asked = tqdm(items, desc=Field.BENCH, unit="item", disable=not progress, leave=False)
-            return [score_item(opened, item) for item in asked]
+            return [score_item(opened, item, bos) for item in asked]
 
     def record(self, model, base: Optional[Mapping], progress: bool = False,
                stop_early: StopEarly = never) -> dict:  # fmt: skip

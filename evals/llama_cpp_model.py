@@ -123,15 +123,21 @@ class LlamaCppModel:
             raise ValueError("next_token_logprobs needs at least one token")
         if len(tokens) > self.n_ctx:
             raise SelfMergeError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
-        keep = reusable_prefix(self._cached, tokens)
-        lib, ctx = self._lib, self.llm.ctx
-        self.llm.reset()  # llama-cpp-python's own prefix cache must not trust what we decode here
-        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
-        self._cached = list(tokens[:keep])
+        keep = self._keep_prefix(tokens, len(tokens) - 1)
         logits = self._decode(tokens[keep:], start=keep, want=lambda pos: pos == len(tokens) - 1)
         self._cached = list(tokens)
         row = logits[-1].astype(np.float64)
         return row - (np.log(np.exp(row - row.max()).sum()) + row.max())
+
+    def _keep_prefix(self, tokens: Sequence[int], limit: int) -> int:
+        """Keep in the KV cache what ``tokens`` share with the cached tokens, at most ``limit`` of them
+        (the positions whose logits are wanted are fed again); how many were kept."""
+        keep = min(reusable_prefix(self._cached, tokens), limit)
+        lib, ctx = self._lib, self.llm.ctx
+        self.llm.reset()  # llama-cpp-python's own prefix cache must not trust what we decode here
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
+        self._cached = list(tokens[:keep])
+        return keep
 
     # -- scoring ----------------------------------------------------------------------------
     def _decode(self, tokens: Sequence[int], start: int, want) -> np.ndarray:
@@ -180,10 +186,7 @@ class LlamaCppModel:
             if len(tokens) > self.n_ctx:
                 raise SelfMergeError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
             first = len(context) - 1
-            keep = min(reusable_prefix(self._cached, tokens), first)
-            lib, ctx = self._lib, self.llm.ctx
-            self.llm.reset()
-            lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
+            keep = self._keep_prefix(tokens, first)
             rows = self._decode(tokens[keep:], start=keep, want=lambda pos: first <= pos < len(tokens) - 1)
             self._cached = tokens
             targets = np.asarray(continuation, dtype=np.int64)

@@ -320,14 +320,10 @@ def _versus_base(frame: pd.DataFrame, name: str, models: list, records: dict) ->
              if trial is not None and fields[0] in records[label]]  # fmt: skip
     differences = [_paired(records[label], fields) for label, _ in plans]
     beats, said = stats_verdict([str(plan) for _, plan in plans], differences)
-    adjusted = holm([d.p_value for d in differences])
-    by_label = {label: (d, p, b) for (label, _), d, p, b in zip(plans, differences, adjusted, beats)}
-    prefix = f"{Field.VALIDATED}{name}_"
-    columns = {"diff": lambda d, p, b: d.diff, "low": lambda d, p, b: d.low, "high": lambda d, p, b: d.high,
-               "p_holm": lambda d, p, b: p, "beats_base": lambda d, p, b: b}  # fmt: skip
-    for column, pick in columns.items():
-        frame[prefix + column] = [pick(*by_label[label]) if label in by_label else None
-                                  for label in frame["trial"]]  # fmt: skip
+    values = {label: {"diff": d.diff, "low": d.low, "high": d.high, "p_holm": p, "beats_base": b}
+              for (label, _), d, p, b in zip(plans, differences, holm([d.p_value for d in differences]), beats)}
+    for column in ("diff", "low", "high", "p_holm", "beats_base"):
+        frame[f"{Field.VALIDATED}{name}_{column}"] = [values.get(label, {}).get(column) for label in frame["trial"]]
     return frame, said
 
 

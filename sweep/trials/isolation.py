@@ -66,19 +66,21 @@ def _child(conn, fn, args, max_memory: Optional[int]) -> None:
         return conn.recv()
 
     try:
-        try:
-            result = fn(*args, ask)
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            conn.send(("done", result, peak_mb))
-        except MemoryError:
-            cap = f" (cap {max_memory / 2**30:.1f} GiB: trial.max_memory)" if max_memory else ""
-            conn.send(("error", f"out of memory{cap}"))
-        except (BrokenPipeError, EOFError):
-            raise
-        except BaseException as err:  # noqa: BLE001 - everything the child meets is the trial's failure
-            conn.send(("error", f"{type(err).__name__}: {err}"))
+        result = fn(*args, ask)
+        message = ("done", result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     except (BrokenPipeError, EOFError):  # the sweep is gone (killed): nobody to tell, nothing to print
         os._exit(1)
+    except MemoryError:
+        cap = f" (cap {max_memory / 2**30:.1f} GiB: trial.max_memory)" if max_memory else ""
+        message = ("error", f"out of memory{cap}")
+    except BaseException as err:  # noqa: BLE001 - everything the child meets is the trial's failure
+        message = ("error", f"{type(err).__name__}: {err}")
+    try:
+        conn.send(message)
+    except (BrokenPipeError, EOFError):
+        os._exit(1)
+    except Exception as err:  # noqa: BLE001 - a result that cannot be sent (pickled) fails the trial
+        conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
 def _death(exitcode: Optional[int], max_memory: Optional[int]) -> str:

@@ -42,8 +42,6 @@ def test_a_seed_picks_the_same_items_and_the_parts_never_share_one():
 class Chars:
     """A model whose tokens are characters, so the scoring rule can be checked by hand."""
 
-    bos_for_windows = None
-
     def tokenize(self, text):
         return [ord(c) for c in text]
 
@@ -54,7 +52,7 @@ class Chars:
 def test_acc_takes_the_likeliest_choice_and_acc_norm_the_likeliest_per_character():
     item = BenchItem("t/1", "arc_easy", (("Q: pick\nA: ", "no"), ("Q: pick\nA: ", "a longer one!")), gold=1)
     assert encode_pair(Chars(), "Q: ", "x", [])[1] == [ord(" "), ord("x")]  # the trailing space moves
-    row = score_item(Chars(), item)
+    row = score_item(Chars(), item, [])
     assert row["logprobs"] == [-6.0, -27.5] and row["acc"] == 0  # " no" is likelier in total
     assert row["acc_norm"] == 1  # per character of the choice: -6 / 2 < -27.5 / 13
 
