@@ -11,10 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
 
-StopEarly = Callable[[float], bool]  # given a first-stage score, True stops the scoring there
 
 
-def never(value: float) -> bool:
+@dataclass(frozen=True)
+class Stage:
+    """A partial score, asked about mid-evaluation: ``field``'s value after ``step`` (perplexity: its
+    early windows, step 0; item evaluations: the items scored per task so far)."""
+
+    field: str
+    step: int
+    value: float
+
+
+StopEarly = Callable[[Stage], bool]  # given a partial score, True stops the scoring there
+
+
+def never(stage: Stage) -> bool:
     return False
 
 
@@ -25,6 +37,7 @@ class EvalContext:
     base_model: Any  # what the backend scores as the base (a GGUF path, a loaded model): tokenizer, fit checks
     open_model: Callable  # the backend's opener: model -> a context manager over a scorable model
     early_windows: int = 0  # > 0: perplexity in two stages, stop_early asked after the first
+    item_steps: tuple[int, ...] = ()  # items per task after which an item evaluation asks stop_early
 
 
 class Evaluation(Protocol):
@@ -32,7 +45,7 @@ class Evaluation(Protocol):
                stop_early: StopEarly = never) -> dict:  # fmt: skip
         """Record fields for ``model``; ``base`` is the base model's record (for ratios), None when
         scoring the base itself. An evaluation that honours ``stop_early`` and is stopped returns
-        its first-stage fields and ``Field.PRUNED: True``. Raises on a score that is not a number."""
+        the fields of what it scored and ``Field.PRUNED: True``. Raises on a score that is not a number."""
         ...
 
 
@@ -69,3 +82,4 @@ class EvalSpec:
     # the record fields of a plan's paired difference to the base (evals/stats.py), where it has one:
     # mean difference, its 95% interval (low, high), p-value, items, smallest detectable difference
     paired: Optional[tuple[str, str, str, str, str, str]] = None
+    item_steps: bool = False  # honours EvalContext.item_steps (prune.min_items: successive halving on items)

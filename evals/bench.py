@@ -21,6 +21,7 @@ item is in both (``questions`` tells the validation check which items each confi
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -29,12 +30,12 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from evals.base import EvalContext, EvalSpec, StopEarly, never
+from evals.base import EvalContext, EvalSpec, Stage, StopEarly, never
 from evals.eqbench_items import subset
 from evals.llama_cpp_model import LlamaCppModel
 from evals.schema import Field
@@ -152,27 +153,63 @@ def score_item(model, item: BenchItem, bos: list[int]) -> dict:
 
 
 class BenchEval:
-    def __init__(self, config: BenchConfig, open_model: Callable = LlamaCppModel) -> None:
-        self.config, self.open_model = config, open_model
+    """``item_steps``: the items per task after which ``record`` asks ``stop_early`` (successive halving,
+    sweep/trials/pruning.py); each step's items are the first ones of every task's subset, so a plan
+    stopped after 25 items per task was scored on the same items as every other plan stopped there."""
+
+    def __init__(self, config: BenchConfig, open_model: Callable = LlamaCppModel,
+                 item_steps: tuple[int, ...] = ()) -> None:  # fmt: skip
+        self.config, self.open_model, self.item_steps = config, open_model, item_steps
         self.items = chosen_items(config)
         if not self.items:
             raise SelfMergeError(f"eval.bench: no items in part {config.part} of {list(config.tasks)}")
 
     @classmethod
     def from_config(cls, config: BenchConfig, context: EvalContext) -> BenchEval:
-        return cls(config, context.open_model)
+        return cls(config, context.open_model, context.item_steps)
 
     def rows(self, model, items: list[BenchItem], progress: bool = False) -> list[dict]:
+        with self._opened(model) as score:
+            return [score(item) for item in tqdm(items, desc=Field.BENCH, unit="item", disable=not progress,
+                                                 leave=False)]  # fmt: skip
+
+    @contextlib.contextmanager
+    def _opened(self, model) -> Iterator[Callable[[BenchItem], dict]]:
+        """One opened model's item scorer (its BOS asked once)."""
         with self.open_model(model, n_ctx=self.config.n_ctx, threads=self.config.threads) as opened:
             bos = [opened.bos_for_windows] if opened.bos_for_windows is not None else []
-            asked = tqdm(items, desc=Field.BENCH, unit="item", disable=not progress, leave=False)
-            return [score_item(opened, item, bos) for item in asked]
+            yield lambda item: score_item(opened, item, bos)
+
+    def chunks(self) -> list[tuple[int, list[BenchItem]]]:
+        """(items per task when it is done, its items) for each step of ``item_steps`` and the rest."""
+        by_task = {task: [item for item in self.items if item.task == task] for task in self.config.tasks}
+        most = max(map(len, by_task.values()))
+        steps = [step for step in self.item_steps if step < most] + [most]
+        return [(hi, [item for items in by_task.values() for item in items[lo:hi]])
+                for lo, hi in zip([0, *steps], steps)]  # fmt: skip
 
     def record(self, model, base: Optional[Mapping], progress: bool = False,
                stop_early: StopEarly = never) -> dict:  # fmt: skip
-        start = time.perf_counter()
-        rows = self.rows(model, self.items, progress)
-        return {**self.summarize_items(rows, base), Field.BENCH_SECONDS: round(time.perf_counter() - start, 2)}
+        """Every item; with ``item_steps``, ``stop_early`` asked after each step but the last (the
+        objective so far): stopped, the record holds the items scored and ``Field.PRUNED``."""
+        start, rows, stopped = time.perf_counter(), [], False
+        chunks = self.chunks()
+        bar = tqdm(total=len(self.items), desc=Field.BENCH, unit="item", disable=not progress, leave=False)
+        with self._opened(model) as score, bar:
+            for step, chunk in chunks:
+                rows += [score(item) for item in chunk]
+                bar.update(len(chunk))
+                if step != chunks[-1][0] and stop_early(Stage(Field.BENCH, step, self.objective(rows))):
+                    stopped = True
+                    break
+        record = {**self.summarize_items(rows, base), Field.BENCH_SECONDS: round(time.perf_counter() - start, 2)}
+        return {**record, Field.PRUNED: True} if stopped else record
+
+    def objective(self, rows: list[dict]) -> float:
+        """The metric's mean over the tasks of ``rows`` (each task's mean first)."""
+        metric = self.config.metric
+        return float(np.mean([np.mean([row[metric] for row in rows if row["task"] == task])
+                              for task in dict.fromkeys(row["task"] for row in rows)]))  # fmt: skip
 
     # -- item by item (validation: evals/base.py ItemEvaluation) --------------------------------
     def item_ids(self) -> list[str]:
@@ -194,7 +231,7 @@ class BenchEval:
             tasks[task] = {**{m: round(float(np.mean([row[m] for row in mine])), 4) for m in METRICS},
                            "n": len(mine)}  # fmt: skip
         fields = {
-            Field.BENCH: round(float(np.mean([t[metric] for t in tasks.values()])), 4),
+            Field.BENCH: round(self.objective(rows), 4),
             Field.BENCH_TASKS: tasks,
             Field.BENCH_ITEMS: [{k: v for k, v in row.items() if k != "seconds"} for row in rows],
         }
@@ -230,4 +267,5 @@ SPEC = EvalSpec(
     seconds=Field.BENCH_SECONDS,
     questions=_questions,
     paired=PAIRED,
+    item_steps=True,
 )

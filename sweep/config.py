@@ -172,16 +172,36 @@ class StorageConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     """Stage 1 of a trial: perplexity on a few windows; beyond max_ppl_ratio x the base's, the trial
-    stops there (PRUNED, early ppl recorded, still informing the sampler)."""
+    stops there (PRUNED, early ppl recorded, still informing the sampler). With ``min_items``, an item
+    objective (eval=bench) is scored by successive halving: every plan meets ``min_items`` items per
+    task, and goes on to reduction_factor x as many only while it ranks in the best 1/reduction_factor
+    of the plans scored on as many (Optuna's SuccessiveHalvingPruner; sweep/trials/pruning.py)."""
 
     max_ppl_ratio: Optional[float] = 3.0  # null = never prune
     early_windows: int = 1
+    min_items: Optional[int] = None  # null = every plan gets the objective's n_items; e.g. 25
+    reduction_factor: int = 2  # 2: half the plans of a step go on (the landscape in benchmarks/ chose it)
 
     def __post_init__(self) -> None:
         if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
             raise SelfMergeError(f"prune.max_ppl_ratio={self.max_ppl_ratio} is out of range: must be > 1 (or null: never prune)")
         if self.early_windows < 1:
             raise SelfMergeError(f"prune.early_windows={self.early_windows} is out of range: must be >= 1")
+        if self.min_items is not None and (not isinstance(self.min_items, int) or self.min_items < 1):
+            raise SelfMergeError(f"prune.min_items={self.min_items!r} is out of range: must be >= 1 (or null: off)")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
+            raise SelfMergeError(f"prune.reduction_factor={self.reduction_factor!r} is out of range: must be an integer >= 2")
+
+    def item_steps(self, n_items: int) -> tuple[int, ...]:
+        """The items per task after which a plan's scoring is asked whether to go on: min_items,
+        then reduction_factor x as many, each below ``n_items`` (0: the whole part, no bound)."""
+        if not self.min_items:
+            return ()
+        steps, step = [], self.min_items
+        while step < (n_items or 10**9):
+            steps.append(step)
+            step *= self.reduction_factor
+        return tuple(steps)
 
 
 @dataclass(frozen=True)
@@ -296,6 +316,13 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals
+        if self.prune.min_items:
+            name = self.objectives[0][0]
+            if len(self.objectives) != 1 or name not in EVALS or not EVALS[name].item_steps:
+                items = sorted(spec.name for spec in EVALS.values() if spec.item_steps)
+                raise SelfMergeError(f"prune.min_items={self.prune.min_items} scores one objective on items by "
+                                     f"successive halving: set sweep.objectives to one of {items} "
+                                     f"(it is {self.objective_names})")  # fmt: skip
         if self.sweep.gpus is not None and self.backend.kind != "torch":
             raise SelfMergeError(
                 f"sweep.gpus={self.sweep.gpus} pins workers to GPUs for backend=torch; backend="

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from evals.registry import EVALS
 from evals.schema import Field
 from sweep.trials.model_store import ModelStore
+from sweep.trials.pruning import stopped_at
 from sweep.results.records import write_leaderboard, write_trial_record
 from sweep.search.spaces import SearchSpace
 from sweep.study.index import StudyIndex
@@ -121,7 +122,7 @@ def outcome(trial: FrozenTrial) -> str:
         scores = " ".join(f"{name}={attrs[name]:.3f}" for name in EVALS if name in attrs)
         return f"{text} {scores}" + (" (cache hit)" if Field.CACHE_HIT_OF in attrs else "")
     if trial.state == TrialState.PRUNED:
-        return f"{text} at early ppl={attrs.get(Field.PPL_EARLY, float('nan')):.4g}"
+        return f"{text} at {stopped_at(attrs)}"
     return f"{text} ({attrs[Field.ERROR]})" if Field.ERROR in attrs else text
 
 

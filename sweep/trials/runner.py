@@ -41,7 +41,7 @@ from sweep.config import SweepConfig
 from sweep.study.heartbeat import fail_stale_trials, trial_heartbeat
 from sweep.trials.isolation import TrialCrashed, run_isolated
 from sweep.trials.model_store import DiskFull, ModelStore
-from sweep.trials.pruning import BaseRatioPruner, EarlyStop
+from sweep.trials.pruning import BaseRatioPruner, EarlyStop, make_pruner, pruned, replay
 from sweep.results.records import write_leaderboard, write_study_record, write_trial_record
 from sweep.search.samplers import make_sampler
 from sweep.trials.scoring import TrialScorer, scoring_fingerprint
@@ -83,7 +83,6 @@ class TrialEnv:
     store: ModelStore
     twins: TwinPlans
     build_and_score: Callable[[optuna.Trial, LayerPlan], dict]  # plan -> record; raises on failure
-    early_stop: EarlyStop
     objectives: list[str]
     index: StudyIndex
 
@@ -131,7 +130,7 @@ def _run_trial(trial: optuna.Trial, env: TrialEnv) -> list[float]:
     set_user_attrs(trial, {**{k: v for k, v in record.items() if k != Field.WORKER}, **kept})
     if record.get(Field.PRUNED):
         path.unlink(missing_ok=True)
-        raise env.early_stop.pruned(record[Field.PPL_EARLY])
+        raise pruned(record)
     return [float(record[name]) for name in env.objectives]
 
 
@@ -151,8 +150,7 @@ def _reuse(trial: optuna.Trial, earlier: FrozenTrial, env: TrialEnv) -> list[flo
     attrs[Field.CACHE_HIT_OF] = earlier.user_attrs.get(Field.CACHE_HIT_OF, earlier.number)
     set_user_attrs(trial, attrs)
     if earlier.state == TrialState.PRUNED:
-        env.early_stop(trial, earlier.user_attrs[Field.PPL_EARLY])
-        raise env.early_stop.pruned(earlier.user_attrs[Field.PPL_EARLY])
+        raise replay(trial, earlier)
     return earlier.values
 
 
@@ -175,7 +173,8 @@ class Sweep:
         self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.sampler_seed,
                                     config.sampler.n_startup_trials, config.sampler.window,
                                     config.directions[0] == "minimize")  # fmt: skip
-        self.pruner = BaseRatioPruner(config.prune.max_ppl_ratio) if config.prune.max_ppl_ratio else None
+        prune = config.prune
+        self.pruner = make_pruner(prune.max_ppl_ratio, prune.min_items, prune.reduction_factor, self._ppl_reports)
         run = config.sweep
         self.store = ModelStore(self.directory, run.keep_top_k, run.disk_budget_bytes, run.disk_budget,
                                 self._rank_key, self.backend.size_bound)  # fmt: skip
@@ -209,10 +208,12 @@ class Sweep:
             # score the base once per sweep, then seed the plans asked for
             prune = config.prune
             early_windows = prune.early_windows if prune.max_ppl_ratio and config.eval.get(Field.PPL) else 0
-            scorer = TrialScorer(config.eval, self.backend.base, early_windows, self.backend.open_model)
+            objective = config.eval.get(config.objectives[0][0])
+            item_steps = prune.item_steps(getattr(objective, "n_items", 0)) if prune.min_items else ()
+            scorer = TrialScorer(config.eval, self.backend.base, early_windows, self.backend.open_model, item_steps)
             base = self._base(study, scorer)
             self.started = True
-            if self.pruner is not None:
+            if isinstance(self.pruner, BaseRatioPruner):
                 self.pruner.base_early_ppl = base.get(Field.PPL_EARLY)
             enqueue(study, self.enqueue, config, self.space, self.directory)
             write_study_record(self.directory, study)
@@ -265,6 +266,11 @@ class Sweep:
         except Exception as err:
             raise SelfMergeError(f"the base model could not be evaluated: {err}") from None
         return {**merge_record(plan, 0.0, self.backend.n_bytes(self.backend.base)), **scores}
+
+    @property
+    def _ppl_reports(self) -> bool:
+        """The early perplexity goes to Optuna's pruner only where perplexity is the one objective."""
+        return [name for name, _ in self.config.objectives] == [Field.PPL]
 
     def _rank_key(self, trial: FrozenTrial) -> float:
         """Best first by the first objective."""
@@ -347,10 +353,10 @@ class Sweep:
 
     def _optimize(self, study: optuna.Study, work: TrialWork, base: dict, index: StudyIndex) -> None:
         config, run = self.config, self.config.sweep
-        early_stop = EarlyStop(config.prune.max_ppl_ratio, base.get(Field.PPL_EARLY), len(config.objectives))
+        early_stop = EarlyStop(config.prune.max_ppl_ratio, base.get(Field.PPL_EARLY), self._ppl_reports)
         twins = TwinPlans(self._fail_stale, config.storage.heartbeat_seconds)
         build_and_score = self._build_and_score(work, base, early_stop)
-        env = TrialEnv(self.space, self.store, twins, build_and_score, early_stop, config.objective_names, index)
+        env = TrialEnv(self.space, self.store, twins, build_and_score, config.objective_names, index)
         bar = tqdm(total=run.n_trials, initial=index.n_done, desc=f"sweep {run.name}", unit="plan",
                    disable=not run.progress, dynamic_ncols=True)  # fmt: skip
         draw = callbacks.DrawUnscored(index, self.space, config.space_kind, run.max_repeats_in_a_row, run.sampler_seed)

@@ -42,11 +42,13 @@ def eval_config_from_fingerprint(fingerprint: dict, threads: Optional[int] = Non
 
 class TrialScorer:
     """``early_windows`` > 0 scores perplexity in two stages (see PerplexityEval.staged): the record
-    gets ``ppl_early``, and a ``stop_early(early_ppl)`` that answers True ends the scoring there.
+    gets ``ppl_early``; ``item_steps``, item evaluations in steps (evals/bench.py). A ``stop_early(stage)``
+    that answers True ends the scoring there.
     ``open_model`` is the backend's: it opens a GGUF path (llama.cpp) or an in-memory model (torch)."""
 
-    def __init__(self, config: EvalConfig, base_model, early_windows: int = 0, open_model=LlamaCppModel) -> None:
-        context = EvalContext(base_model, open_model, early_windows)
+    def __init__(self, config: EvalConfig, base_model, early_windows: int = 0, open_model=LlamaCppModel,
+                 item_steps: tuple[int, ...] = ()) -> None:  # fmt: skip
+        context = EvalContext(base_model, open_model, early_windows, item_steps)
         self.evaluations = [EVALS[name].build(section, context) for name, section in config.sections.items()]
 
     def __call__(self, model, base: dict | None = None, progress: bool = False,

@@ -11,8 +11,9 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
+from evals.base import StopEarly
 from evals.schema import Field
 from merge_core.layer_plan import LayerPlan
 from sweep.trials.backends import Backend
@@ -38,7 +39,7 @@ class TrialWork:
     def merge(self, plan: LayerPlan, out: Path):
         return self.backend.build(plan, out)
 
-    def __call__(self, plan: LayerPlan, out: Path, stop_early: Callable[[float], bool]) -> dict:
+    def __call__(self, plan: LayerPlan, out: Path, stop_early: StopEarly) -> dict:
         start = time.perf_counter()
         model = self.merge(plan, out)
         record = merge_record(plan, time.perf_counter() - start, self.backend.n_bytes(model))

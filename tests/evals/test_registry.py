@@ -59,9 +59,10 @@ def test_staged_perplexity_stops_when_told(base_gguf, wikitext_file):
     evaluation = spec.build(config, EvalContext(base_gguf, get_opener(), early_windows=1))
     seen = []
     stopped = evaluation.record(base_gguf, None, stop_early=lambda early: seen.append(early) or True)
-    assert stopped == {Field.PPL_EARLY: seen[0], Field.PRUNED: True}
+    assert seen[0].field == Field.PPL_EARLY and seen[0].step == 0
+    assert stopped == {Field.PPL_EARLY: seen[0].value, Field.PRUNED: True}
     full = evaluation.record(base_gguf, None, stop_early=lambda early: False)
-    assert full[Field.PPL_EARLY] == seen[0] and full[Field.N_TOKENS_SCORED] == 3 * 63
+    assert full[Field.PPL_EARLY] == seen[0].value and full[Field.N_TOKENS_SCORED] == 3 * 63
 
 
 def get_opener():
