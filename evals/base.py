@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 
-
 @dataclass(frozen=True)
 class Stage:
     """A partial score, asked about mid-evaluation: ``field``'s value after ``step`` (perplexity: its

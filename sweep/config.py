@@ -188,9 +188,11 @@ class PruneConfig:
         if self.early_windows < 1:
             raise SelfMergeError(f"prune.early_windows={self.early_windows} is out of range: must be >= 1")
         if self.min_items is not None and (not isinstance(self.min_items, int) or self.min_items < 1):
-            raise SelfMergeError(f"prune.min_items={self.min_items!r} is out of range: must be >= 1 (or null: off)")
+            raise SelfMergeError(f"prune.min_items={self.min_items!r} is out of range: "
+                                 "must be >= 1 (or null: off)")
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
-            raise SelfMergeError(f"prune.reduction_factor={self.reduction_factor!r} is out of range: must be an integer >= 2")
+            raise SelfMergeError(f"prune.reduction_factor={self.reduction_factor!r} is out of range: "
+                                 "must be an integer >= 2")
 
     def item_steps(self, n_items: int) -> tuple[int, ...]:
         """The items per task after which a plan's scoring is asked whether to go on: min_items,

@@ -174,7 +174,8 @@ class Sweep:
                                     config.sampler.n_startup_trials, config.sampler.window,
                                     config.directions[0] == "minimize")  # fmt: skip
         prune = config.prune
-        self.pruner = make_pruner(prune.max_ppl_ratio, prune.min_items, prune.reduction_factor, self._ppl_reports)
+        self.pruner = make_pruner(prune.max_ppl_ratio, prune.min_items, prune.reduction_factor,
+                                  self._ppl_reports)  # fmt: skip
         run = config.sweep
         self.store = ModelStore(self.directory, run.keep_top_k, run.disk_budget_bytes, run.disk_budget,
                                 self._rank_key, self.backend.size_bound)  # fmt: skip
@@ -210,7 +211,8 @@ class Sweep:
             early_windows = prune.early_windows if prune.max_ppl_ratio and config.eval.get(Field.PPL) else 0
             objective = config.eval.get(config.objectives[0][0])
             item_steps = prune.item_steps(getattr(objective, "n_items", 0)) if prune.min_items else ()
-            scorer = TrialScorer(config.eval, self.backend.base, early_windows, self.backend.open_model, item_steps)
+            scorer = TrialScorer(config.eval, self.backend.base, early_windows, self.backend.open_model,
+                                 item_steps)  # fmt: skip
             base = self._base(study, scorer)
             self.started = True
             if isinstance(self.pruner, BaseRatioPruner):

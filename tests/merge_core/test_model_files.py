@@ -32,7 +32,8 @@ def test_parts_are_joined_in_order_and_a_wrong_digest_or_missing_part_is_one_lin
     with pytest.raises(SelfMergeError, match=f"bad: the joined parts have sha256 {digest}, not 0000"):
         packaged_model_path("bad")
     real = importlib.util.find_spec
-    monkeypatch.setattr(model_files.importlib.util, "find_spec", lambda name: None if name == "pkg1" else real(name))
+    missing_pkg1 = lambda name: None if name == "pkg1" else real(name)  # noqa: E731
+    monkeypatch.setattr(model_files.importlib.util, "find_spec", missing_pkg1)
     monkeypatch.setitem(PACKAGED, "gap", PackagedModel("gap.gguf", parts, "pip install toy-part{1..3}", digest))
     with pytest.raises(SelfMergeError, match=r"^package pkg1 is missing: pip install toy-part\{1..3\}$"):
         packaged_model_path("gap")

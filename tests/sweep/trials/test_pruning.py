@@ -23,10 +23,12 @@ def test_item_steps_grow_by_the_reduction_factor_below_the_budget():
     assert PruneConfig(min_items=100).item_steps(100) == ()
     assert PruneConfig().item_steps(100) == ()
     for bad, message in (({"min_items": -3}, "prune.min_items=-3 is out of range"),
-                         ({"min_items": 5, "reduction_factor": 1}, "prune.reduction_factor=1 is out of range")):
+                         ({"min_items": 5, "reduction_factor": 1},
+                          "prune.reduction_factor=1 is out of range")):  # fmt: skip
         with pytest.raises(SelfMergeError, match=message):
             PruneConfig(**bad)
-    with pytest.raises(SelfMergeError, match=r"prune.min_items=25 .* set sweep.objectives to one of \['bench'\]"):
+    refused = r"prune.min_items=25 .* set sweep.objectives to one of \['bench'\]"
+    with pytest.raises(SelfMergeError, match=refused):
         load_config(compose(["eval=[ppl,bench]", "prune.min_items=25"]))  # objectives: ppl and bench
 
 
@@ -50,11 +52,12 @@ def test_successive_halving_stops_outranked_plans_and_keeps_their_partial_scores
     best half of the plans that reached the step before it (Optuna's asynchronous rule)."""
     args = ["sweep", f"model.path={base_gguf}", "model=gguf", "eval=[bench]", "eval.bench.n_items=8",
             "prune.min_items=2", "sampler=random", "sweep.n_trials=10", "sweep.validate.top_k=0",
-            "sweep.name=halving", "sweep.seed=1", f"sweep.results_dir={tmp_path}", "sweep.progress=false"]  # fmt: skip
+            "sweep.name=halving", "sweep.seed=1", f"sweep.results_dir={tmp_path}",
+            "sweep.progress=false"]  # fmt: skip
     run = run_cli(*args, cwd=tmp_path)
     assert run.returncode == 0 and "Traceback" not in run.stdout + run.stderr, run.stderr
     study = load_study(f"sqlite:///{tmp_path / 'halving' / 'study.db'}", "halving")
-    trials = [t for t in study.get_trials() if Field.CACHE_HIT_OF not in t.user_attrs and t.intermediate_values]
+    trials = [t for t in study.get_trials() if t.intermediate_values and Field.CACHE_HIT_OF not in t.user_attrs]
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert pruned and any(t.state.name == "COMPLETE" for t in trials)
     for trial in trials:
@@ -66,12 +69,14 @@ def test_successive_halving_stops_outranked_plans_and_keeps_their_partial_scores
     for trial in pruned:  # below the k-th best (k = half, at least 1) of the plans that reached its step first
         step = max(trial.intermediate_values)
         value = trial.intermediate_values[step]
-        before = [t.intermediate_values[step] for t in trials if t.number <= trial.number and step in t.intermediate_values]
+        reached = [t for t in trials if t.number <= trial.number and step in t.intermediate_values]
+        before = [t.intermediate_values[step] for t in reached]
         k = max(len(before) // 2, 1)
         assert value < sorted(before, reverse=True)[k - 1], trial.number
     board = pd.read_csv(tmp_path / "halving" / "leaderboard.csv")
     assert set(board["state"]) >= {"BASE", "COMPLETE", "PRUNED"}
-    assert list(board["state"]).index("PRUNED") > max(i for i, s in enumerate(board["state"]) if s == "COMPLETE")
+    states = list(board["state"])
+    assert states.index("PRUNED") > max(i for i, s in enumerate(states) if s == "COMPLETE")
     record = json.loads((tmp_path / "halving" / "trials" / f"{pruned[0].number}.json").read_text())
     assert record["state"] == "PRUNED" and record[Field.BENCH_N] == 2 * max(pruned[0].intermediate_values)
 
