@@ -19,7 +19,8 @@ Four sweeps of one model (eval=bench on --tasks, the search part; nothing here i
   own search part, against the validated held-out score (95% intervals by Fisher's z).
 - compare: halving's tables again from the sweeps already in --results (a halving sweep cut short by a lease
   is compared on the landscape's plans it reached), and RYS's (i, j) map of the landscape, running nothing.
-Prints the tables and writes results/benchmarks/answer_table_<model>_<device>.json.
+Prints the tables and writes results/benchmarks/answer_table_<model>_<device>.json (--results R: R.json),
+the sweeps in the folder beside it.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def compare(args) -> dict:
     rows += [replay(land, args.tasks, args.n_items, m, f) for m, f in settings]
     per_plan = np.mean([t.user_attrs[Field.BENCH_SECONDS] for t in land])
     base = load_study(f"sqlite:///{args.results / 'landscape' / 'study.db'}", "landscape").user_attrs
-    report["rys_map"] = rys_map(args, land, base[StudyKey.BASE], OUT / f"{args.results.name}_rys.png")
+    png = args.results.with_name(f"{args.results.name}_rys.png")
+    report["rys_map"] = rys_map(args, land, base[StudyKey.BASE], png)
     return {**report, "scoring_s_per_plan_in_full": round(float(per_plan), 2), "searches": rows,
             "landscape": [(t.user_attrs[Field.PLAN], t.user_attrs[Field.BENCH]) for t in land]}  # fmt: skip
 
@@ -270,14 +272,14 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=None,
                         help="held-out items per task (default: validation's 500)")
     parser.add_argument("--steps", nargs="+", default=["halving", "answer", "transfer"])
-    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the sweeps' folder (default: results/benchmarks/answer_table_<model>_<device>)")
     args = parser.parse_args()
     args.model_conf = {"bundled": "smollm2", "gemma3-270m": "gemma3_270m"}.get(args.model, "gguf")
     name = f"answer_table_{args.model_conf}_{args.device}"
     args.results = (args.results or OUT / name).resolve()
     args.results.mkdir(parents=True, exist_ok=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    out = OUT / f"{name}.json"
+    out = args.results.with_name(f"{args.results.name}.json")
     report = json.loads(out.read_text()) if out.is_file() else {}  # the steps run earlier stay in it
     report.update({"model": args.model, "backend": args.backend, "device": args.device, "tasks": args.tasks,
                    "n_items": args.n_items, "min_items": args.min_items})  # fmt: skip
