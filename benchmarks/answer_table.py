@@ -250,10 +250,10 @@ def transfer_step(args, landscape: list) -> dict:
                       "math": probe(p, "math"), "eq": probe(p, "eq")} for p in plans]}  # fmt: skip
 
 
-def with_interval(rho: float, n: int) -> list[float]:
+def with_interval(rho: float, n: int) -> list[float | None]:
     """Spearman's rho and its 95% interval: Fisher's z with Fieller's standard error, sqrt(1.06 / (n - 3))."""
     if n < 4 or abs(rho) >= 1:
-        return [round(rho, 3), float("nan"), float("nan")]
+        return [round(rho, 3), None, None]  # too few plans for an interval
     z, se = np.arctanh(rho), np.sqrt(1.06 / (n - 3))
     return [round(rho, 3), round(float(np.tanh(z - 1.96 * se)), 3), round(float(np.tanh(z + 1.96 * se)), 3)]
 
