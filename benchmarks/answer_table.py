@@ -71,8 +71,12 @@ def sweep(name: str, args, extra: list[str]) -> tuple[Path, float]:
     return args.results / name, seconds
 
 
-def trials_of(folder: Path) -> list:
-    study = load_study(f"sqlite:///{folder / 'study.db'}", folder.name)
+def study_of(folder: Path):
+    return load_study(f"sqlite:///{folder / 'study.db'}", folder.name)
+
+
+def trials_of(study) -> list:
+    """The trials that scored a plan on items themselves (no cache hits)."""
     scored = lambda attrs: Field.BENCH_ITEMS in attrs and Field.CACHE_HIT_OF not in attrs  # noqa: E731
     return [t for t in study.get_trials() if scored(t.user_attrs)]
 
@@ -177,8 +181,9 @@ def rys_map(args, land: list, base: dict, png: Path) -> list[dict]:
 def compare(args) -> dict:
     """The searches on the landscape in --results: every plan in full, the halving sweep (on as many of the
     landscape's plans as it reached, should a lease end first), and the rule replayed for other settings."""
-    land = trials_of(args.results / "landscape")
-    halv = trials_of(args.results / "halving") if (args.results / "halving").is_dir() else []
+    landscape = study_of(args.results / "landscape")
+    land = trials_of(landscape)
+    halv = trials_of(study_of(args.results / "halving")) if (args.results / "halving").is_dir() else []
     seconds = lambda ts: round(sum(t.user_attrs.get(Field.BENCH_SECONDS, 0) for t in ts), 1)  # noqa: E731
     plans = lambda ts: [t.user_attrs[Field.PLAN] for t in ts]  # noqa: E731
     everything = lambda ts: len(ts) * args.n_items * len(args.tasks)  # noqa: E731
@@ -198,9 +203,8 @@ def compare(args) -> dict:
     settings = [(m, f) for m in (10, 25, 50) for f in (2, 3, 4) if m < args.n_items]
     rows += [replay(land, args.tasks, args.n_items, m, f) for m, f in settings]
     per_plan = np.mean([t.user_attrs[Field.BENCH_SECONDS] for t in land])
-    base = load_study(f"sqlite:///{args.results / 'landscape' / 'study.db'}", "landscape").user_attrs
     png = args.results.with_name(f"{args.results.name}_rys.png")
-    report["rys_map"] = rys_map(args, land, base[StudyKey.BASE], png)
+    report["rys_map"] = rys_map(args, land, landscape.user_attrs[StudyKey.BASE], png)
     return {**report, "scoring_s_per_plan_in_full": round(float(per_plan), 2), "searches": rows,
             "landscape": [(t.user_attrs[Field.PLAN], t.user_attrs[Field.BENCH]) for t in land]}  # fmt: skip
 
@@ -210,7 +214,7 @@ def answer_step(args) -> dict:
                                          f"sweep.n_trials={args.plans}", f"prune.min_items={args.min_items}",
                                          "sweep.validate.top_k=5"])  # fmt: skip
     summary = json.loads((folder / "validation" / "summary.json").read_text())
-    trials = trials_of(folder)
+    trials = trials_of(study_of(folder))
     return {"wall_s": round(wall, 1), "distinct_plans_scored": len(trials),
             "pruned": sum(t.state.name == "PRUNED" for t in trials), "verdict": summary["verdict"],
             "validated": summary["models"], "records": validated_records(folder)}  # fmt: skip
@@ -237,7 +241,7 @@ def transfer_step(args, landscape: list) -> dict:
                                            f"sweep.enqueue=[{','.join(repr(p) for p in picks)}]"])  # fmt: skip
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     validated = {m[Field.PLAN]: m[Field.VALIDATED + Field.BENCH] for m in summary["models"]}
-    trials = {t.user_attrs[Field.PLAN]: t for t in trials_of(folder)}
+    trials = {t.user_attrs[Field.PLAN]: t for t in trials_of(study_of(folder))}
     plans = [p for p in validated if p in trials]
     held = [validated[p] for p in plans]
     probe = lambda p, name: trials[p].user_attrs[Field.PROBE_BY_NAME][name]["logprob"]  # noqa: E731
@@ -300,7 +304,7 @@ def main() -> None:
         save()
         print(report["answer"]["verdict"], flush=True)
     if "transfer" in args.steps:  # the landscape of this run, or of an earlier one in --results
-        land = trials_of(args.results / "landscape")
+        land = trials_of(study_of(args.results / "landscape"))
         landscape = [(t.user_attrs[Field.PLAN], t.user_attrs[Field.BENCH]) for t in land]
         report["transfer"] = transfer_step(args, landscape)
         print(json.dumps(report["transfer"]["spearman"]), flush=True)

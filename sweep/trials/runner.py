@@ -210,7 +210,7 @@ class Sweep:
             prune = config.prune
             early_windows = prune.early_windows if prune.max_ppl_ratio and config.eval.get(Field.PPL) else 0
             objective = config.eval.get(config.objectives[0][0])
-            item_steps = prune.item_steps(getattr(objective, "n_items", 0)) if prune.min_items else ()
+            item_steps = prune.item_steps(getattr(objective, "n_items", 0))  # () without min_items
             scorer = TrialScorer(config.eval, self.backend.base, early_windows, self.backend.open_model,
                                  item_steps)  # fmt: skip
             base = self._base(study, scorer)
