@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_tasks.py
 	$(BIN)/python benchmarks/answer_table.py --backend llama_cpp --device cpu --tasks piqa basic_arithmetic \
 	  --n-items 64 --min-items 16 --plans 62 --steps answer  # on a GPU: the defaults
+	$(BIN)/python benchmarks/gguf_scale.py
 
 clean:
 	rm -rf $(VENV) results/*/

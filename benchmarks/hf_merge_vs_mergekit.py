@@ -5,7 +5,8 @@
 The model is the bundled SmolLM2 written out as an HF folder (dequantized, float32, sharded at
 --shard). Plans that name sources (``a:0-16,b:8-30``) are frankenmerges of several "fine-tunes":
 ``a`` is that folder, ``b`` and ``c`` copies of it with every weight nudged by seeded noise; a
-suffix ``@c`` takes every tensor outside the layers from c (model.base, ``--base c``). Each tool
+suffix ``|c`` takes every tensor outside the layers from c (model.base, ``--base c``). Plans with scales
+(``0-16,8-30@qk=0.7071,out=0.5``, attenuated repeats) give mergekit its ``parameters: scale`` filters. Each tool
 runs in its own process; wall time and peak RSS of that process are measured,
 then every tensor of the two outputs is compared (names, dtypes, shapes, bytes). mergekit is not a
 dependency: install it in a separate virtualenv (``pip install torch==2.13.0 mergekit``).
@@ -24,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from merge_core.architectures import of_model
 from merge_core.gguf_to_hf import export_hf_folder
 from merge_core.hf_checkpoint import HFCheckpoint
 from merge_core.layer_plan import LayerPlan
@@ -71,7 +73,12 @@ def main() -> None:
     parser.add_argument("--mergekit", required=True, help="the mergekit-yaml executable (in its own virtualenv)")
     parser.add_argument("--plans", nargs="+", default=["0-16,8-30", "0-10,6-16,12-22,18-30", "a:0-16,b:8-30",
                                                         "b:0-20,c:10-30", "a:0-10,b:6-16,c:12-22,a:18-30",
-                                                        "a:0-16,b:8-30@c"])  # fmt: skip
+                                                        "a:0-16,b:8-30|c",
+                                                        # attenuated repeats: mergekit #198's factors, a scale on
+                                                        # the repeated part of a slice only, two sources
+                                                        "0-16,8-30@qk=0.7071067812,mlp_out=0.5",
+                                                        "0-10,5-12,10-20@out=0.5",
+                                                        "a:0-16,a:8-20,b:16-30@qk=0.7071067812,out=0.5"])  # fmt: skip
     parser.add_argument("--shard", default="120MB", help="shard size of the source and of both outputs")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -90,11 +97,12 @@ def main() -> None:
         sources = {"a": source, **{name: build_finetune(source, tmp / name, seed) for name, seed in (("b", 1), ("c", 2))}}
         largest_shard = max(p.stat().st_size for p in source.glob("*.safetensors"))
         for text in args.plans:
-            plan_text, _, base = text.partition("@")
+            plan_text, _, base = text.partition("|")
             plan = LayerPlan.parse(plan_text)
             used = {name: str(sources[name]) for name in plan.source_names + ((base,) if base else ())}
             recipe = tmp / "recipe.yml"
-            recipe.write_text(plan_to_mergekit_yaml(plan, used or str(source), "float32", base or None))
+            yaml = plan_to_mergekit_yaml(plan, used or str(source), "float32", base or None, of_model(source))
+            recipe.write_text(yaml)
             ours, theirs = tmp / f"ours-{len(rows)}", tmp / f"mergekit-{len(rows)}"
             models = [f"{name}={path}" for name, path in used.items()] or [str(source)]
             selfmerge_cmd = [sys.executable, "-m", "sweep.cli", "merge", *models, "--plan", plan_text,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Protocol, Sequence, TypeVar
 
 from merge_core.errors import SelfMergeError
-from merge_core.layer_plan import LayerPlan
+from merge_core.layer_plan import LayerPlan, Scales
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,50 @@ HF_LAYERS = LayerNames("model.layers.", after_layers=("model.norm.", "lm_head.")
 GGUF_LAYERS = LayerNames("blk.", after_layers=("output_norm.", "output."))  # llama.cpp (gguf-py's TENSOR_NAMES)
 
 
+SCALE_ROLES = ("qk", "attn_out", "mlp_out")  # the factors of Scales
+
+
+@dataclass(frozen=True)
+class ScaleTargets:
+    """Which of a layer's tensors carry each factor of ``Scales``, as name suffixes (``q_proj.`` takes
+    the weight and a bias alike: Qwen2's ``q = Wx + b`` scales as a whole). A factor goes on the last
+    linear map before what it scales; where an RMSNorm follows that map (Qwen3's and Gemma 3's q/k
+    norms, Gemma 3's post-attention and post-feed-forward norms) the norm would undo it (RMSNorm(s x) =
+    RMSNorm(x)), so it goes on the norm's weight, after which nothing is normalised again. RoPE is a
+    rotation, linear, so a factor on q or k before it is the same factor after it."""
+
+    qk: tuple[str, ...]
+    attn_out: tuple[str, ...]
+    mlp_out: tuple[str, ...]
+
+    def factor(self, suffix: str, scales: Scales) -> float:
+        """The factor on the layer tensor ``suffix`` at a position with ``scales`` (1.0: untouched)."""
+        for role in SCALE_ROLES:
+            if suffix.startswith(getattr(self, role)):
+                return getattr(scales, role)
+        return 1.0
+
+    def filters(self) -> list[tuple[str, str, str]]:
+        """(target suffix, mergekit ``filter`` (the tensor's own name: ``q_proj``), role) of each target."""
+        return [(target, target.rstrip(".").rsplit(".", 1)[-1], role) for role in SCALE_ROLES
+                for target in getattr(self, role)]  # fmt: skip
+
+
+# Llama, Mistral, Qwen2: the projections themselves
+PROJECTIONS_HF = ScaleTargets(
+    ("self_attn.q_proj.", "self_attn.k_proj."), ("self_attn.o_proj.",), ("mlp.down_proj.",)
+)
+PROJECTIONS_GGUF = ScaleTargets(("attn_q.", "attn_k."), ("attn_output.",), ("ffn_down.",))
+# Qwen3: q/k normalised per head after their projections
+QK_NORMS_HF = ScaleTargets(
+    ("self_attn.q_norm.", "self_attn.k_norm."), PROJECTIONS_HF.attn_out, PROJECTIONS_HF.mlp_out
+)
+QK_NORMS_GGUF = ScaleTargets(("attn_q_norm.", "attn_k_norm."), PROJECTIONS_GGUF.attn_out, PROJECTIONS_GGUF.mlp_out)
+# Gemma 3: each branch's output normalised again before the residual add
+GEMMA3_HF = ScaleTargets(QK_NORMS_HF.qk, ("post_attention_layernorm.",), ("post_feedforward_layernorm.",))
+GEMMA3_GGUF = ScaleTargets(QK_NORMS_GGUF.qk, ("post_attention_norm.",), ("post_ffw_norm.",))
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str  # the family, as users say it
@@ -56,6 +100,15 @@ class Architecture:
     norm_offset: float = 0.0  # HF stores RMSNorm weights as w - offset (Gemma: x * (1 + w)); GGUF stores w
     hf_layers: LayerNames = HF_LAYERS
     gguf_layers: LayerNames = GGUF_LAYERS
+    hf_scales: ScaleTargets = PROJECTIONS_HF  # where a repeat's factors go (LayerPlan.scales)
+    gguf_scales: ScaleTargets = PROJECTIONS_GGUF
+
+    def hf_scaled(self, suffix: str, scales: Scales) -> tuple[float, float]:
+        """(factor, offset) for the HF tensor ``suffix``: its new weight is ``(w + offset) * factor - offset``,
+        the norm's effective weight scaled where HF stores it less ``norm_offset``; (1, 0): untouched."""
+        factor = self.hf_scales.factor(suffix, scales)
+        offset = self.norm_offset if factor != 1.0 and "norm" in suffix else 0.0
+        return factor, offset
 
 
 ARCHITECTURES = (
@@ -63,15 +116,23 @@ ARCHITECTURES = (
     Architecture("mistral", ("MistralForCausalLM",), ("mistral",), gguf_arch="llama", permute_qk=True),
     Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), gguf_arch="qwen2", permute_qk=False),
     # Qwen3: Qwen2 without q/k/v biases, with an RMSNorm on each head's queries and keys (attn_q_norm, attn_k_norm)
-    Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), gguf_arch="qwen3", permute_qk=False),
+    Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), gguf_arch="qwen3", permute_qk=False,
+                 hf_scales=QK_NORMS_HF, gguf_scales=QK_NORMS_GGUF),
     # Gemma 3 text models: q/k norms, four norms a layer, embeddings scaled by sqrt(hidden), GELU-tanh,
     # five sliding-window layers to one global layer (config.json's layer_types), each with its own RoPE base
     Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), gguf_arch="gemma3", permute_qk=False,
-                 tied_embeddings=True, swa_period=6, norm_offset=1.0),
+                 tied_embeddings=True, swa_period=6, norm_offset=1.0,
+                 hf_scales=GEMMA3_HF, gguf_scales=GEMMA3_GGUF),
 )
 _BY_CLASS = {cls: arch for arch in ARCHITECTURES for cls in arch.hf_classes}
 _BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
 SUPPORTED = tuple(_BY_CLASS)
+
+
+def mergekit_scale_filters() -> dict[str, str]:
+    """Every family's mergekit ``filter`` names and the factor each carries (reading a recipe, whose
+    family is not known yet)."""
+    return {name: role for arch in ARCHITECTURES for _, name, role in arch.hf_scales.filters()}
 
 
 def find(hf_class: Optional[str] = None, model_type: Optional[str] = None) -> Optional[Architecture]:
@@ -90,6 +151,20 @@ def of_config(config: dict) -> Architecture:
 
 def unsupported(name: str) -> SelfMergeError:
     return SelfMergeError(f"architecture {name} is not supported; supported: {', '.join(SUPPORTED)}")
+
+
+def of_model(source) -> Optional[Architecture]:
+    """The entry of a GGUF file or an HF folder, from its header or config.json (None: not in the table)."""
+    import json
+    from pathlib import Path
+
+    from merge_core.gguf_file import read_gguf_header
+
+    source = Path(source)
+    if source.is_dir():
+        config = json.loads((source / "config.json").read_text())
+        return find((config.get("architectures") or [None])[0], config.get("model_type"))
+    return of_gguf(read_gguf_header(source).architecture)
 
 
 def hf_layer_names(config: dict) -> LayerNames:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from merge_core.architectures import of_model
 from merge_core.errors import SelfMergeError
 from merge_core.gguf_merge import merge_gguf
 from merge_core.layer_plan import LayerPlan
@@ -34,7 +35,8 @@ def write_plan(source: Path, plan: LayerPlan, out: Path, fmt: str, model_name: s
     if fmt not in FORMATS:
         raise SelfMergeError(f"format {fmt!r} is unknown; choose one of {list(FORMATS)}")
     if fmt == "mergekit":
-        out.write_text(plan_to_mergekit_yaml(plan, model_name))
+        arch = of_model(source) if not plan.scales.is_identity else None  # the family names the scaled tensors
+        out.write_text(plan_to_mergekit_yaml(plan, model_name, arch=arch))
         return out
     if fmt == "safetensors":
         if quant:

@@ -7,12 +7,14 @@ and embeddings from the first slice's model and the output norm and head from th
 A sliding-window pattern that llama.cpp would derive from the layer index (Gemma 3: every sixth
 layer global) is written out as one flag per output layer, so each layer keeps its source's kind.
 Tensor data is copied file-to-file by the kernel (``copy_file_range``), so memory stays flat
-whatever the model size and quantized blocks are never dequantized.
+whatever the model size and quantized blocks are never dequantized. A plan with scales multiplies the
+tensors the architecture table names at each repeat, one at a time, in their own type (``gguf_scale``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from pathlib import Path
 from typing import Mapping
@@ -32,6 +34,7 @@ from merge_core.gguf_file import (
     TensorInfo,
     align_up,
 )
+from merge_core.gguf_scale import check_scalable, scale_tensor_bytes
 from merge_core.layer_plan import LayerPlan
 from merge_core.sources import gguf_sources
 
@@ -110,6 +113,27 @@ def merged_tensor_order(headers: Mapping[str, GGUFHeader], plan: LayerPlan,
     return plan_source_tensors({name: h.tensors for name, h in headers.items()}, plan, names, "", base_source)
 
 
+def scaled_factors(headers: Mapping[str, GGUFHeader], plan: LayerPlan,
+                   order: list[tuple[str, str, TensorInfo]]) -> dict[str, float]:  # fmt: skip
+    """Output tensor name -> factor, for the tensors a plan's scales multiply (GGUF stores a norm's
+    whole weight, Gemma's +1 included, so a factor on a norm is a plain product here)."""
+    if plan.scales.is_identity:
+        return {}
+    gguf_arch = next(iter(headers.values())).architecture
+    arch = of_gguf(gguf_arch)
+    if arch is None:
+        raise SelfMergeError(f"plan {plan} has scales, but GGUF architecture {gguf_arch} is not in the "
+                             "architecture table, which says which tensors they multiply")  # fmt: skip
+    names, at, factors = gguf_layer_names(gguf_arch), plan.layer_scales, {}
+    for name, _, tensor in order:
+        split = names.split(name)
+        factor = arch.gguf_scales.factor(split[1], at[split[0]]) if split else 1.0
+        if factor != 1.0:
+            check_scalable(tensor.name, tensor.ggml_type)
+            factors[name] = factor
+    return factors
+
+
 def merged_size_bound(header: GGUFHeader, plan: LayerPlan) -> int:
     """An upper bound of the merged file's size, before writing it (for disk budgets)."""
     order = merged_tensor_order({"": header}, plan)
@@ -135,6 +159,7 @@ def merge_gguf(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, o
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     order = merged_tensor_order(headers, plan, base_source)
+    factors = scaled_factors(headers, plan, order)
     metadata = merged_metadata(headers, plan, base_source)
     alignment = headers[plan.end_sources("", base_source)[0]].alignment
 
@@ -152,23 +177,31 @@ def merge_gguf(source: str | Path | Mapping[str, str | Path], plan: LayerPlan, o
         src_fds = {name: files.enter_context(open(h.path, "rb")).fileno() for name, h in headers.items()}
         dst_fd = dst.fileno()
         write_all(dst_fd, out)
-        for name, src_offset, n_bytes, padding in _copy_runs(order, alignment):
-            copy_range(src_fds[name], dst_fd, headers[name].data_start + src_offset, n_bytes)
+        for name, src_offset, n_bytes, padding, scaled in _copy_runs(order, alignment, factors):
+            if scaled is None:
+                copy_range(src_fds[name], dst_fd, headers[name].data_start + src_offset, n_bytes)
+            else:
+                data = os.pread(src_fds[name], n_bytes, headers[name].data_start + src_offset)
+                write_all(dst_fd, scale_tensor_bytes(scaled[0].name, scaled[0].ggml_type, data, scaled[1]))
             write_all(dst_fd, b"\0" * padding)
     return out_path
 
 
-def _copy_runs(order: list[tuple[str, str, TensorInfo]], alignment: int) -> list[tuple[str, int, int, int]]:
-    """(source, offset, bytes, zero padding after) per run of tensors that lie back to back in one
+def _copy_runs(order: list[tuple[str, str, TensorInfo]], alignment: int,
+               factors: Mapping[str, float] | None = None) -> list[tuple]:  # fmt: skip
+    """(source, offset, bytes, zero padding after, None) per run of tensors that lie back to back in one
     source as in the output: a block's tensors, consecutive blocks of a slice. One kernel copy per
-    run instead of one per tensor; the source's own alignment padding is copied inside a run."""
+    run instead of one per tensor; the source's own alignment padding is copied inside a run. A tensor
+    in ``factors`` is a run of its own, its last item (tensor, factor): it is read and multiplied."""
     runs: list[list] = []
-    for _, name, tensor in order:
-        if runs and runs[-1][0] == name and runs[-1][1] + runs[-1][2] + runs[-1][3] == tensor.offset:
-            run = runs[-1]
+    for out_name, name, tensor in order:
+        scaled = (tensor, factors[out_name]) if factors and out_name in factors else None
+        run = runs[-1] if runs else None
+        adjacent = run is not None and run[0] == name and run[1] + run[2] + run[3] == tensor.offset
+        if adjacent and scaled is None and run[4] is None:
             run[2] += run[3] + tensor.n_bytes
         else:
-            run = [name, tensor.offset, tensor.n_bytes, 0]
+            run = [name, tensor.offset, tensor.n_bytes, 0, scaled]
             runs.append(run)
         run[3] = align_up(tensor.n_bytes, alignment) - tensor.n_bytes
     return [tuple(run) for run in runs]

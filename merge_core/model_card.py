@@ -11,8 +11,9 @@ from typing import Optional
 
 import yaml
 
+from merge_core.architectures import Architecture
 from merge_core.layer_plan import LayerPlan
-from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+from merge_core.mergekit_recipe import recipe_beside
 from merge_core.model_shape import ModelShape
 
 CARD = "README.md"
@@ -37,6 +38,7 @@ class CardFacts:
     reproduce: tuple[str, ...] = ()  # commands that make the same file again
     sources: tuple[tuple[str, str, Optional[str]], ...] = ()  # a plan over several models: (name, model, licence)
     base_source: Optional[str] = None  # model.base: the source of every tensor outside the layers
+    arch: Optional[Architecture] = None  # the family: which tensors a plan's scales multiply
 
 
 def base_licence(source: Path) -> Optional[str]:
@@ -98,8 +100,12 @@ def model_card(facts: CardFacts) -> str:
     for i, ((start, end), name) in enumerate(zip(plan.slices, plan.source_of_slices("")), 1):
         lines.append(f"| {i} | {name + ':' if name else ''}{start}-{end - 1} | {out}-{out + end - start - 1} |")
         out += end - start
+    if not plan.scales.is_identity:
+        lines += ["", f"Every layer's second and later use is attenuated: `{plan.scales}` (queries and keys "
+                  "times `qk`; what attention and the MLP add to the residual stream times `attn_out` and "
+                  "`mlp_out`)."]  # fmt: skip
     lines += ["", "## mergekit recipe", "", "The same merge as a mergekit passthrough recipe:", "", "```yaml",
-              plan_to_mergekit_yaml(plan, models, base_source=facts.base_source).rstrip(), "```"]  # fmt: skip
+              recipe_beside(plan, models, base_source=facts.base_source, arch=facts.arch).rstrip(), "```"]  # fmt: skip
     if facts.reproduce:
         lines += ["", "## Reproduce", "", "```bash", *facts.reproduce, "```"]
     if facts.sources:

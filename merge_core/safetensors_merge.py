@@ -5,7 +5,8 @@ every other tensor is copied, ``config.json`` gets the new ``num_hidden_layers``
 lists (e.g. ``layer_types``) follow the plan, tokenizer files and chat template are copied, and
 ``mergekit_config.yml`` holds the equivalent recipe. Tensor bytes go file to file in the kernel,
 never dequantized, cast or held in memory, so the output is byte-identical to mergekit's and peak
-memory stays flat whatever the shard size.
+memory stays flat whatever the shard size. A plan with scales multiplies the tensors the architecture
+table names at each repeat, one tensor at a time in its own dtype, as mergekit's ``tensor * scale``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
+import torch
 from tqdm.auto import tqdm
 
-from merge_core.architectures import merged_config, plan_source_tensors
+from merge_core.architectures import Architecture, find, merged_config, plan_source_tensors
 from merge_core.byte_copy import copy_range, write_all, written_as_partial
 from merge_core.errors import SelfMergeError
 from merge_core.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, SafetensorsEntry
 from merge_core.layer_plan import LayerPlan
-from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+from merge_core.mergekit_recipe import recipe_beside
 from merge_core.sources import hf_sources
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size (5B)
@@ -32,6 +34,8 @@ SIDE_FILES = (  # copied as they are: tokenizer, chat template, generation defau
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+Scaled = Mapping[str, tuple[float, float]]  # output tensor name -> (factor, norm offset)
 
 
 def merged_tensors(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan,
@@ -42,6 +46,39 @@ def merged_tensors(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan,
     tensors = {name: list(checkpoint.tensors.values()) for name, checkpoint in checkpoints.items()}
     order = plan_source_tensors(tensors, plan, names, "", base_source)
     return [(out_name, tensor) for out_name, _, tensor in order]
+
+
+def scaled_tensors(order: list[tuple[str, SafetensorsEntry]], plan: LayerPlan, arch: Architecture | None,
+                   names) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """(factor, offset) of each output tensor a plan's scales multiply (``Architecture.hf_scaled``)."""
+    if plan.scales.is_identity:
+        return {}
+    if arch is None:
+        raise SelfMergeError(f"plan {plan} has scales, but this model's family is not in the architecture "
+                             "table, which says which tensors they multiply")  # fmt: skip
+    at = plan.layer_scales
+    out = {}
+    for name, _ in order:
+        split = names.split(name)
+        if split is not None and not at[split[0]].is_identity:
+            factor, offset = arch.hf_scaled(split[1], at[split[0]])
+            if factor != 1.0:
+                out[name] = (factor, offset)
+    return out
+
+
+def _scaled_bytes(fd: int, source: SafetensorsEntry, factor: float, offset: float) -> bytes:
+    """One tensor read, multiplied in its own dtype (mergekit's ``tensor * scale``); a norm stored less
+    ``offset`` (Gemma's) scaled as ``(w + offset) * factor - offset`` in float32."""
+    if source.dtype not in TORCH_DTYPES:
+        raise SelfMergeError(f"tensor {source.name} is {source.dtype}: scales need {', '.join(TORCH_DTYPES)}")
+    data = bytearray(os.pread(fd, source.n_bytes, source.offset))
+    tensor = torch.frombuffer(data, dtype=TORCH_DTYPES[source.dtype]) if data else torch.empty(0)
+    if offset:
+        scaled = ((tensor.float() + offset) * factor - offset).to(tensor.dtype)
+    else:
+        scaled = tensor * factor
+    return scaled.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def shards(order: list[tuple[str, SafetensorsEntry]], shard_bytes: int) -> list[list[tuple[str, SafetensorsEntry]]]:
@@ -57,8 +94,10 @@ def shards(order: list[tuple[str, SafetensorsEntry]], shard_bytes: int) -> list[
     return groups
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, SafetensorsEntry]], progress=None) -> None:
-    """One safetensors file: JSON header (padded to 8 bytes, as the format wants), then the bytes."""
+def write_safetensors(path: Path, tensors: list[tuple[str, SafetensorsEntry]], progress=None,
+                      scaled: Scaled | None = None) -> None:  # fmt: skip
+    """One safetensors file: JSON header (padded to 8 bytes, as the format wants), then the bytes;
+    those ``scaled`` names multiplied (``_scaled_bytes``), every other tensor copied in the kernel."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, source in tensors:
@@ -70,10 +109,13 @@ def write_safetensors(path: Path, tensors: list[tuple[str, SafetensorsEntry]], p
         write_all(dst.fileno(), len(text).to_bytes(8, "little") + text)
         sources: dict[Path, int] = {}
         try:
-            for _, source in tensors:
+            for name, source in tensors:
                 if source.file not in sources:
                     sources[source.file] = os.open(source.file, os.O_RDONLY)
-                copy_range(sources[source.file], dst.fileno(), source.offset, source.n_bytes)
+                if scaled and name in scaled:
+                    write_all(dst.fileno(), _scaled_bytes(sources[source.file], source, *scaled[name]))
+                else:
+                    copy_range(sources[source.file], dst.fileno(), source.offset, source.n_bytes)
                 if progress is not None:
                     progress.update(source.n_bytes)
         finally:
@@ -111,12 +153,14 @@ def _write_folder(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan, part
                   base_source: str | None) -> None:  # fmt: skip
     order = merged_tensors(checkpoints, plan, base_source)
     first = checkpoints[plan.end_sources("", base_source)[0]]
+    arch = find((first.config.get("architectures") or [None])[0], first.config.get("model_type"))
+    scaled = scaled_tensors(order, plan, arch, first.layer_names)
     groups = shards(order, shard_bytes)
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     total = sum(source.n_bytes for group in groups for _, source in group)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {plan}", disable=not progress, leave=False) as bar:
         for name, group in zip(names, groups):
-            write_safetensors(partial / name, group, bar)
+            write_safetensors(partial / name, group, bar, scaled)
     if len(groups) > 1:
         weight_map = {tensor: name for name, group in zip(names, groups) for tensor, _ in group}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -127,4 +171,4 @@ def _write_folder(checkpoints: Mapping[str, HFCheckpoint], plan: LayerPlan, part
             shutil.copy2(first.folder / name, partial / name)
     dtypes = {entry.dtype for _, entry in order}
     dtype = MERGEKIT_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None  # mixed: mergekit must not cast
-    (partial / "mergekit_config.yml").write_text(plan_to_mergekit_yaml(plan, model_name, dtype, base_source))
+    (partial / "mergekit_config.yml").write_text(recipe_beside(plan, model_name, dtype, base_source, arch))

@@ -23,7 +23,7 @@ from torch import nn
 
 from merge_core import architectures
 from merge_core.errors import SelfMergeError
-from merge_core.layer_plan import LayerPlan
+from merge_core.layer_plan import NO_SCALES, LayerPlan, Scales
 from merge_core.model_shape import LOAD_IN, ModelShape
 from merge_core.sources import check_named, check_slices
 
@@ -217,11 +217,38 @@ def _hook_copy(clone: nn.Module, hook) -> None:
     clone.__dict__.update(_hf_hook=hook, _old_forward=forward, forward=hooked)
 
 
-def _layer_at(layer: nn.Module, position: int) -> nn.Module:
+def _layer_at(layer: nn.Module, position: int, scales: Scales = NO_SCALES,
+              targets: architectures.ScaleTargets | None = None) -> nn.Module:  # fmt: skip
+    """The base layer at an output position: its own attention index; at a scaled repeat, the modules
+    the family scales (``ScaleTargets``) answer their output times the factor, weights still shared."""
     clone = _shallow(layer)
     attention = _shallow(layer.self_attn)
     attention.layer_idx = position
     clone.self_attn = attention
+    copied = {id(clone), id(attention)}  # modules of this position alone: changed in place
+    for role in architectures.SCALE_ROLES if targets and not scales.is_identity else ():
+        factor = getattr(scales, role)
+        for target in getattr(targets, role) if factor != 1.0 else ():
+            *parents, leaf = target.rstrip(".").split(".")
+            owner = clone
+            for name in parents:  # a copy of each module on the way, so the base layer stays unscaled
+                if id(owner._modules[name]) not in copied:
+                    owner._modules[name] = _shallow(owner._modules[name])
+                    copied.add(id(owner._modules[name]))
+                owner = owner._modules[name]
+            owner._modules[leaf] = _times(owner._modules[leaf], factor)
+    return clone
+
+
+def _times(module: nn.Module, factor: float) -> nn.Module:
+    """A copy of ``module`` whose output is multiplied by ``factor``: the same weights, no bytes more."""
+    clone = _shallow(module)
+    forward = clone.forward
+
+    def scaled(*args, **kwargs):
+        return forward(*args, **kwargs) * factor
+
+    clone.__dict__["forward"] = functools.update_wrapper(scaled, forward)
     return clone
 
 
@@ -232,6 +259,18 @@ def merged_config(config, plan: LayerPlan):
         if value != before[key]:
             setattr(merged, key, value)
     return merged
+
+
+def _scale_targets(model: nn.Module, plan: LayerPlan) -> architectures.ScaleTargets | None:
+    """The modules a plan's scales act on, from the architecture table (None: a plan without scales)."""
+    if plan.scales.is_identity:
+        return None
+    config = model.config
+    arch = architectures.find((getattr(config, "architectures", None) or [type(model).__name__])[0],
+                              getattr(config, "model_type", None))  # fmt: skip
+    if arch is None:
+        raise architectures.unsupported(type(model).__name__)
+    return arch.hf_scales
 
 
 def merged_model(base: nn.Module | Mapping[str, nn.Module], plan: LayerPlan,
@@ -247,8 +286,10 @@ def merged_model(base: nn.Module | Mapping[str, nn.Module], plan: LayerPlan,
     config = merged_config(first.config, plan)
     new_inner = _shallow(first.model)
     new_inner.config = config
+    targets = _scale_targets(first, plan)
     new_inner.layers = nn.ModuleList(
-        _layer_at(models[name or ""].model.layers[layer], position) for position, (name, layer) in enumerate(plan.layer_sources)
+        _layer_at(models[name or ""].model.layers[layer], position, scales, targets)
+        for position, ((name, layer), scales) in enumerate(zip(plan.layer_sources, plan.layer_scales))
     )  # fmt: skip
     new_inner.norm = last.model.norm
     merged = _shallow(first)

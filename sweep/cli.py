@@ -262,7 +262,7 @@ def cmd_plans(args, overrides: list[str]) -> None:
     config = load_config(compose(overrides))
     sources = tuple(config.model.sources)
     shape = ModelShape.of(resolve_model_source(config.model.sources[sources[0]] if sources else config.model.path))
-    space = build_space(config.space_kind, shape, config.space, sources)
+    space = build_space(config.space_kind, shape, config.space, sources, config.space_scale)
     if args.count:
         count, exact = space.count_plans(limit=args.limit)
         qualifier = "exactly" if exact else "at most (estimate: parameter sets, some giving the same plan)"
@@ -303,8 +303,10 @@ def _clear_output(out: Path, force: bool) -> None:
 def cmd_merge(args) -> None:
     import time
 
+    from merge_core.architectures import of_model
     from merge_core.export import default_format, write_plan
     from merge_core.layer_plan import LayerPlan
+    from merge_core.mergekit_recipe import recipe_beside
     from merge_core.model_card import CardFacts, base_licence, write_card
     from merge_core.model_files import BUNDLED, resolve_model_source
     from merge_core.model_shape import ModelShape
@@ -325,10 +327,11 @@ def cmd_merge(args) -> None:
     model_name = args.hf_id or (ModelConfig.hf_id if args.model == BUNDLED else str(source))
     write_plan(source, plan, out, fmt, model_name, quant=args.quant, shard_bytes=shard_bytes, progress=True)
     if fmt == "gguf":
-        write_plan(source, plan, out.with_suffix(".mergekit.yml"), "mergekit", model_name)
+        out.with_suffix(".mergekit.yml").write_text(recipe_beside(plan, model_name, arch=of_model(source)))
     if fmt != "mergekit":  # a model file or folder gets its model card, as mergekit writes one
         command = f"selfmerge merge {args.model} --plan {plan} --out {out.name}" + (f" --quant {args.quant}" if args.quant else "")
-        facts = CardFacts(model_name, plan, ModelShape.of(source), base_licence(source), reproduce=(command,))
+        facts = CardFacts(model_name, plan, ModelShape.of(source), base_licence(source), reproduce=(command,),
+                          arch=of_model(source))  # fmt: skip
         print(f"model card: {write_card(out, facts)}")
     size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
     print(f"wrote {out} ({fmt}, {plan.n_layers} layers, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s")
@@ -339,7 +342,8 @@ def _merge_sources(args, plan) -> None:
     written as a GGUF (blocks from each slice's file), a safetensors folder (from HF folders) or a
     mergekit recipe, with its model card."""
     from merge_core.gguf_merge import merge_gguf
-    from merge_core.mergekit_recipe import plan_to_mergekit_yaml
+    from merge_core.architectures import of_model
+    from merge_core.mergekit_recipe import plan_to_mergekit_yaml, recipe_beside
     from merge_core.model_card import CardFacts, base_licence, write_card
     from merge_core.model_files import is_gguf, resolve_model_source
     from merge_core.model_shape import ModelShape
@@ -362,13 +366,14 @@ def _merge_sources(args, plan) -> None:
         raise SelfMergeError(f"--format {fmt} from several models needs every source {kind}")
     _clear_output(out, args.force)
     base = args.base
+    arch = of_model(next(iter(sources.values())))
     if fmt == "mergekit":
-        out.write_text(plan_to_mergekit_yaml(plan, given, base_source=base))
+        out.write_text(plan_to_mergekit_yaml(plan, given, base_source=base, arch=arch))
         print(f"wrote {out} (mergekit recipe over {', '.join(given)})")
         return
     if fmt == "gguf":
         merge_gguf(sources, plan, out, base)
-        out.with_suffix(".mergekit.yml").write_text(plan_to_mergekit_yaml(plan, given, base_source=base))
+        out.with_suffix(".mergekit.yml").write_text(recipe_beside(plan, given, base_source=base, arch=arch))
     else:
         shard_bytes = parse_size(args.out_shard_size, "--out-shard-size")
         merge_safetensors(sources, plan, out, shard_bytes, given, progress=True, base_source=base)
@@ -377,7 +382,7 @@ def _merge_sources(args, plan) -> None:
     command = f"selfmerge merge {' '.join(args.model)} --plan {plan} --out {out.name}"
     command += f" --base {base}" if base else ""
     facts = CardFacts(given[first], plan, ModelShape.of(sources[first]), reproduce=(command,), sources=named,
-                      base_source=base)  # fmt: skip
+                      base_source=base, arch=arch)  # fmt: skip
     print(f"model card: {write_card(out, facts)}")
     print(f"wrote {out} ({fmt}, {plan.n_layers} layers from {', '.join(sources)})")
 

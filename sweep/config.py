@@ -21,7 +21,7 @@ from evals.schema import Field
 from merge_core.errors import SelfMergeError
 from sweep.search.constraints import PlanConstraints
 from sweep.search.samplers import SAMPLERS
-from sweep.search.spaces import SPACES
+from sweep.search.spaces import SPACES, ScaleSpaceConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # each evaluation's score, depth and damage (eval.ppl.kld), the last two minimized unless told
@@ -315,6 +315,7 @@ class SweepConfig:
     trial: TrialConfig = TrialConfig()
     backend: BackendConfig = BackendConfig()
     space_prior: Optional[str] = None  # "importance": start from the plans the layer analysis ranks best (sweep/search/prior.py)
+    space_scale: ScaleSpaceConfig = ScaleSpaceConfig()  # attenuated repeats' factors; off: today's spaces
 
     def __post_init__(self) -> None:
         self.objectives  # validates them against the evals
@@ -431,6 +432,8 @@ def load_config(cfg: DictConfig) -> SweepConfig:
     if kind not in SPACES:
         raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
     constraints = _typed(PlanConstraints, space_node.pop("constraints", {}), "space.constraints")
+    scale = _typed(ScaleSpaceConfig, space_node.pop("scale", None) or {}, "space.scale")
+    scale.choices()  # a bad factor is refused before the sweep starts
     space = _typed(SPACES[kind][1], space_node, "space")
     space = type(space)(**{**space.__dict__, "constraints": constraints})
     return SweepConfig(
@@ -445,6 +448,7 @@ def load_config(cfg: DictConfig) -> SweepConfig:
         trial=_typed(TrialConfig, cfg.get("trial"), "trial"),
         backend=_typed(BackendConfig, cfg.get("backend"), "backend"),
         space_prior=prior,
+        space_scale=scale,
     )
 
 

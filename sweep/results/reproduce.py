@@ -14,6 +14,7 @@ from evals.schema import Field, StudyKey
 from merge_core.errors import SelfMergeError
 from merge_core.export import FORMATS, write_plan
 from merge_core.layer_plan import LayerPlan
+from merge_core.architectures import of_model
 from merge_core.mergekit_recipe import plan_to_mergekit_yaml
 from merge_core.model_card import CardFacts, Score, base_licence, write_card
 from merge_core.model_files import BUNDLED_FILE, bundled_model_path
@@ -122,7 +123,8 @@ def _write_sources(source: dict[str, Path], plan: LayerPlan, target: Path, fmt: 
     folder (a GGUF from GGUF sources is the very file the llama.cpp backend scored, written above)."""
     models = {name: str(path) for name, path in source.items()}
     if fmt == "mergekit":
-        target.write_text(plan_to_mergekit_yaml(plan, models, base_source=base_source))
+        arch = of_model(next(iter(source.values())))
+        target.write_text(plan_to_mergekit_yaml(plan, models, base_source=base_source, arch=arch))
     elif fmt == "safetensors" and all(path.is_dir() for path in source.values()):
         merge_safetensors(source, plan, target, model_name=models, progress=True, base_source=base_source)
     else:
@@ -151,4 +153,5 @@ def _card_facts(study, trial, plan: LayerPlan, source: Path | dict[str, Path], h
     named = tuple((name, str(sources[name]), base_licence(sources[name]))
                   for name in used_sources(plan, base_source))  # fmt: skip
     return CardFacts(hf_id, plan, ModelShape.of(first), base_licence(first), scores,
-                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,), named, base_source)  # fmt: skip
+                     _scored_on(study.user_attrs[StudyKey.SCORING]), (command,), named, base_source,
+                     of_model(first))  # fmt: skip

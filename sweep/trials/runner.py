@@ -168,7 +168,8 @@ class Sweep:
             config.model.source, config.backend, self.directory, config.model.base or None, self.gpus
         )
         self.shape = self.backend.shape
-        self.space = build_space(config.space_kind, self.shape, config.space, tuple(config.model.sources))
+        self.space = build_space(config.space_kind, self.shape, config.space, tuple(config.model.sources),
+                                 config.space_scale)  # fmt: skip
         self.enqueue = [plan_to_enqueue(e, self.space, self.shape, config.space_kind) for e in config.sweep.enqueue]
         self.sampler = make_sampler(config.sampler.kind, self.space, config.sweep.sampler_seed,
                                     config.sampler.n_startup_trials, config.sampler.window,

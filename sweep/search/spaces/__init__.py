@@ -9,7 +9,8 @@
 | interleave | slice_size, overlap, first_source, last_source |
 
 Over several source models (``model.sources``) each space also draws ``source_i`` per slice, except
-``interleave``, which alternates them itself.
+``interleave``, which alternates them itself. With ``space.scale.qk`` / ``space.scale.out`` set, a plan
+that repeats a layer also draws ``scale_qk`` / ``scale_out`` (attenuated repeats, ``scales.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sweep.search.spaces.free import FreeSpace, FreeSpaceConfig
 from sweep.search.spaces.growing import GrowingSpace, GrowingSpaceConfig
 from sweep.search.spaces.interleave import InterleaveSpace, InterleaveSpaceConfig
 from sweep.search.spaces.repeat_block import RepeatBlockSpace, RepeatBlockSpaceConfig
+from sweep.search.spaces.scales import ScaleSpaceConfig, with_scales
 from sweep.search.spaces.sources import SourcedSpace
 from sweep.search.spaces.uniform import UniformSpace, UniformSpaceConfig
 
@@ -37,11 +39,14 @@ SPACES = {
     "interleave": (InterleaveSpace, InterleaveSpaceConfig),
 }
 
-__all__ = ["SPACES", "SearchSpace", "build_space", "sample_plans", *(cls.__name__ for pair in SPACES.values() for cls in pair)]
+__all__ = ["SPACES", "ScaleSpaceConfig", "SearchSpace", "build_space", "sample_plans",
+           *(cls.__name__ for pair in SPACES.values() for cls in pair)]  # fmt: skip
 
 
-def build_space(kind: str, shape: ModelShape, config, sources: tuple[str, ...] = ()) -> SearchSpace:
-    """The space ``kind``; over several source models (``sources``), each slice also picks its model."""
+def build_space(kind: str, shape: ModelShape, config, sources: tuple[str, ...] = (),
+                scale: ScaleSpaceConfig | None = None) -> SearchSpace:  # fmt: skip
+    """The space ``kind``; over several source models (``sources``), each slice also picks its model;
+    with ``scale``, a plan that repeats a layer also draws its factors."""
     if kind not in SPACES:
         raise SelfMergeError(f"unknown space {kind!r}; choose one of {sorted(SPACES)}")
     space_cls, _ = SPACES[kind]
@@ -51,6 +56,7 @@ def build_space(kind: str, shape: ModelShape, config, sources: tuple[str, ...] =
         space = SourcedSpace(space_cls(shape, _per_source(config, len(sources))), sources, config.constraints)
     else:
         space = space_cls(shape, config)
+    space = with_scales(space, scale)
     space.check_not_empty()
     return space
 

@@ -98,6 +98,27 @@ def test_enqueued_plans_are_scored_first(tmp_path, wikitext_file):
     assert [t.user_attrs["plan"] for t in again.trials].count("0-16,8-30") == 1
 
 
+@pytest.mark.slow
+def test_a_sweep_searches_attenuated_repeats_and_reads_back_the_mergekit_recipe(tmp_path, wikitext_file):
+    """space.scale.out: the same stack scored with and without its factor (enqueued, one as a mergekit
+    recipe with mergekit's scale filters), then drawn; the factor is a recorded parameter and changes
+    the score; a factor outside the choices is not in the space."""
+    recipe = tmp_path / "recipe.yml"
+    from merge_core.architectures import find
+
+    scaled = LayerPlan.parse("0-13,10-30@out=0.5")
+    recipe.write_text(plan_to_mergekit_yaml(scaled, "HuggingFaceTB/SmolLM2-135M-Instruct", arch=find("LlamaForCausalLM")))
+    scale = [*TINY_SPACE, "space.scale.out=[0.5,1.0]", "trial.isolate=false"]
+    study = _sweep(tmp_path, wikitext_file, "scaled", 4, *scale, f"sweep.enqueue=[\"0-13,10-30\",{recipe}]").run()
+    first, second = study.trials[:2]
+    assert (first.user_attrs["plan"], second.user_attrs["plan"]) == ("0-13,10-30", str(scaled))
+    assert (first.params["scale_out"], second.params["scale_out"]) == (1, 0)
+    assert first.values != second.values
+    assert all(LayerPlan.parse(t.user_attrs["plan"]).scales.attn_out in (0.5, 1.0) for t in study.trials)
+    with pytest.raises(SelfMergeError, match="is not in space 'repeat_block'"):
+        _sweep(tmp_path, wikitext_file, "bad", 1, *scale, "sweep.enqueue=[\"0-13,10-30@out=0.25\"]")
+
+
 def test_enqueued_plans_outside_the_rules_or_space_are_refused(tmp_path, wikitext_file):
     with pytest.raises(SelfMergeError, match=r"plan 0-16,8-26 breaks the space's rules: plan must start at layer 0 and end at layer 30"):
         _sweep(tmp_path, wikitext_file, "bad", 1, "sweep.enqueue=[\"0-16,8-26\"]")

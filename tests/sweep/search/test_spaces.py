@@ -12,6 +12,7 @@ from merge_core.model_shape import ModelShape
 from sweep.search.constraints import PlanConstraints
 from sweep.search.spaces import SPACES, FreeSpace, FreeSpaceConfig, GrowingSpace, GrowingSpaceConfig, RepeatBlockSpace
 from sweep.search.spaces import RepeatBlockSpaceConfig, UniformSpace, UniformSpaceConfig, build_space, sample_plans
+from sweep.search.spaces import ScaleSpaceConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SMOLLM2 = ModelShape(30, params_per_layer=3_540_096, params_outside_layers=28_312_128)
@@ -215,3 +216,39 @@ def test_empty_space_and_bad_ranges_are_clear_errors():
         PlanConstraints(last_min=0)
     with pytest.raises(SelfMergeError, match="max_params_ratio=0 is out of range"):
         PlanConstraints(max_params_ratio=0)
+
+
+def test_scaled_spaces_draw_factors_for_repeating_plans_only():
+    """space.scale: counted as brute force; every sampled plan's factors are among the choices, and a plan
+    that repeats no layer (a free space may jump 0) draws none. Off, the space is today's, unwrapped."""
+    free = FreeSpaceConfig(n_slices=(1, 3), size=(4, 10), jump=(0, 4), constraints=PlanConstraints(jump_min=0))
+    plain = build_space("free", ModelShape(16), free)
+    scale = ScaleSpaceConfig(qk=[1.0, 0.5], out={"low": 0.25, "high": 0.75, "step": 0.25})
+    scaled = build_space("free", ModelShape(16), free, scale=scale)
+    assert type(build_space("free", ModelShape(16), free, scale=ScaleSpaceConfig())) is type(plain)
+    brute = list(brute_force_params(scaled))
+    plans = {str(plan): plan for _, plan in brute}
+    repeating = [plan for _, plan in brute_force_params(plain) if plan.max_repeats > 1]
+    assert 0 < len(repeating) < plain.count_param_sets()
+    assert scaled.count_plans() == (len(brute), True) == (plain.count_param_sets() + 5 * len(repeating), True)
+    for plan in plans.values():
+        assert (plan.max_repeats > 1) == (not plan.scales.is_identity)
+        if plan.max_repeats > 1:
+            assert plan.scales.qk in (0.5, 1.0) and plan.scales.attn_out == plan.scales.mlp_out in (0.25, 0.5, 0.75)
+    sampled = sample_plans(scaled, 40, seed=0)
+    assert all(str(plan) in plans for plan in sampled)
+    assert {p.scales.attn_out for p in sampled if p.max_repeats > 1} == {0.25, 0.5, 0.75}
+    target = next(p for p in plans.values() if p.scales.qk == 0.5)
+    assert scaled.plan_from_params(scaled.params_for(target)) == target
+
+
+@pytest.mark.parametrize(
+    "scale, message",
+    [({"qk": [0.5, 0]}, "space.scale.qk holds 0, not a positive number"),
+     ({"out": [0.5, 0.5]}, "space.scale.out=.* repeats a factor"),
+     ({"out": {"low": 0.5, "high": 1}}, r"space.scale.out=.* is a range \{low, high, step\}"),
+     ({"qk": "half"}, "space.scale.qk='half' is neither a list of factors")],
+)  # fmt: skip
+def test_bad_scale_choices_name_the_setting(scale, message):
+    with pytest.raises(SelfMergeError, match=message):
+        ScaleSpaceConfig(**scale).choices()
