@@ -154,17 +154,18 @@ def unsupported(name: str) -> SelfMergeError:
 
 
 def of_model(source) -> Optional[Architecture]:
-    """The entry of a GGUF file or an HF folder, from its header or config.json (None: not in the table)."""
+    """The entry of a local GGUF file or HF folder, from its header or config.json (None: not in the
+    table, or neither of those on disk, e.g. a hub id)."""
     import json
     from pathlib import Path
 
     from merge_core.gguf_file import read_gguf_header
 
     source = Path(source)
-    if source.is_dir():
+    if (source / "config.json").is_file():
         config = json.loads((source / "config.json").read_text())
         return find((config.get("architectures") or [None])[0], config.get("model_type"))
-    return of_gguf(read_gguf_header(source).architecture)
+    return of_gguf(read_gguf_header(source).architecture) if source.is_file() else None
 
 
 def hf_layer_names(config: dict) -> LayerNames:

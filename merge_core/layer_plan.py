@@ -28,7 +28,7 @@ class Scales:
 
     ``qk`` multiplies its queries and its keys (each; the attention logits by qk**2, a softer softmax);
     ``attn_out`` and ``mlp_out`` multiply what its attention and its MLP add to the residual stream.
-    Which tensors carry each factor is the architecture table's answer (``Architecture.scale_targets``).
+    Which tensors carry each factor is the architecture table's answer (``Architecture.hf_scales``, ``gguf_scales``).
     Text form ``qk=0.7071,out=0.5``: ``out`` when both outputs share a factor, factors of 1 left out.
     """
 

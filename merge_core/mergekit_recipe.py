@@ -107,8 +107,8 @@ def _scale_setting(plan: LayerPlan, arch: Architecture | None) -> list[dict]:
     if arch is None:
         raise SelfMergeError(f"plan {plan} has scales: its mergekit recipe needs the model's architecture, "
                              "which names the tensors they multiply")  # fmt: skip
+    filters = arch.hf_scales.filters()
     if arch.norm_offset:
-        filters = arch.hf_scales.filters()
         normed = [t for t, _, role in filters if "norm" in t and getattr(plan.scales, role) != 1.0]
         if normed:
             raise SelfMergeError(
@@ -116,7 +116,6 @@ def _scale_setting(plan: LayerPlan, arch: Architecture | None) -> list[dict]:
                 f"{arch.norm_offset:g}: mergekit's scale would multiply that, not the weight; write the "
                 "safetensors folder (selfmerge merge) instead of a mergekit recipe"
             )
-    filters = arch.hf_scales.filters()
     setting = [{"filter": name, "value": getattr(plan.scales, role)} for _, name, role in filters]
     return [*(entry for entry in setting if entry["value"] != 1.0), {"value": 1.0}]
 

@@ -17,10 +17,8 @@ from merge_core.errors import SelfMergeError
 from merge_core.layer_plan import LayerPlan, Scales
 from sweep.search.spaces.base import Params, SearchSpace
 
-PARAMS = {
-    "scale_qk": "qk",
-    "scale_out": "out",
-}  # parameter -> the factor of Scales it sets (out: both outputs)
+# parameter -> the factor of Scales it sets (out: both outputs)
+PARAMS = {"scale_qk": "qk", "scale_out": "out"}
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,8 @@ def _choices(value, key: str) -> tuple[float, ...]:
 
 
 def _factor(value, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
         raise SelfMergeError(f"{name} holds {value!r}, not a positive number: factors are > 0, e.g. 0.7071")
     return float(value)
 
