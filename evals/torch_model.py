@@ -112,10 +112,12 @@ class TorchModel:
 
     @property
     def bos_for_windows(self) -> Optional[int]:
-        """The BOS token, when the tokenizer puts one before a text (as llama.cpp then does per window)."""
+        """The BOS token, when the tokenizer puts one before a text (as llama.cpp then does per window),
+        or when its ``add_bos_token`` says so (a GGUF's own word, ``follow_gguf_bos``)."""
         bos = self.tokenizer.bos_token_id
         with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return bos if bos is not None and with_special and with_special[0] == bos else None
+        adds = bool(with_special) and with_special[0] == bos or getattr(self.tokenizer, "add_bos_token", None) is True
+        return bos if bos is not None and adds else None
 
     # -- perplexity -------------------------------------------------------------------------
     def _scored_logits(self, ids: torch.Tensor, first: int) -> torch.Tensor:

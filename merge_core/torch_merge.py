@@ -161,12 +161,26 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", device: str = "au
         kwargs.update(device_map=device_map, max_memory=max_memory(list(free), free))
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    if "gguf_file" in kwargs:
+        follow_gguf_bos(tokenizer, path)
     if free:
         check_on_gpus(getattr(model, "hf_device_map", None) or {"": target.index}, list(free))
     elif load_in == "none":
         model.to(target)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def follow_gguf_bos(tokenizer, path: Path) -> None:
+    """A GGUF says whether a BOS starts each text (``tokenizer.ggml.add_bos_token``), and llama.cpp follows
+    it; transformers 5.17's tokenizer from Gemma 3's GGUF adds none (5.25's does), and Gemma without its
+    BOS answers PIQA near chance (0.50 against 0.67 with it). The file's word is taken: ``add_bos_token``
+    set on the tokenizer, which ``TorchModel.bos_for_windows`` reads."""
+    from merge_core.gguf_file import read_gguf_header
+
+    entry = read_gguf_header(path).metadata.get("tokenizer.ggml.add_bos_token")
+    if entry is not None and tokenizer.bos_token_id is not None:
+        tokenizer.add_bos_token = bool(entry.value)
 
 
 def _gpu_index(device) -> Optional[int]:

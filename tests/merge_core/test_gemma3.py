@@ -74,3 +74,23 @@ def test_a_sweep_runs_on_gemma3_end_to_end(wikitext_file, tmp_path):
     assert (
         len(scored) >= 1 and (scored["ppl"] > board["ppl"].iloc[0]).all() and (scored["n_layers"] > 18).all()
     )
+
+
+def test_the_torch_backend_starts_each_text_with_a_bos_where_the_gguf_says_so(gemma_gguf):
+    """transformers 5.17's tokenizer from this GGUF adds no BOS (5.25's does), and Gemma scores PIQA near
+    chance without one (measured on an H100). The file's ``tokenizer.ggml.add_bos_token`` decides, as in
+    llama.cpp, whatever the tokenizer did: here its BOS is switched off first, as 5.17 loads it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from merge_core.model_files import bundled_model_path
+    from merge_core.torch_merge import follow_gguf_bos
+
+    for path, bos in ((gemma_gguf, 2), (bundled_model_path(), None)):  # SmolLM2's GGUF says no BOS
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer.add_bos_token = False
+        follow_gguf_bos(tokenizer, path)
+        assert TorchModel.bos_for_windows.fget(SimpleNamespace(tokenizer=tokenizer)) == bos
+        with LlamaCppModel(path, n_ctx=64) as llama:
+            assert llama.bos_for_windows == bos
