@@ -61,7 +61,8 @@ def sweep(name: str, args, extra: list[str]) -> tuple[Path, float]:
         held_out = f"{{tasks:{tasks},part:held_out,n_items:{args.held_out}}}"
         common.append(f"sweep.validate.evals={{bench:{held_out}}}")
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "sweep.cli", "sweep", *common, *extra], cwd=ROOT, text=True,
+    command = [sys.executable, "-m", "sweep.cli", "sweep", *common, *extra, *args.overrides]
+    run = subprocess.run(command, cwd=ROOT, text=True,
                          capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     seconds = time.perf_counter() - start
     (args.results / f"{name}.log").write_text(run.stdout + run.stderr)
@@ -276,6 +277,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=None,
                         help="held-out items per task (default: validation's 500)")
     parser.add_argument("--steps", nargs="+", default=["halving", "answer", "transfer"])
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="more Hydra overrides for every sweep, e.g. prune.max_ppl_ratio=null")
     parser.add_argument("--results", type=Path, default=None,
                         help="the sweeps' folder (default: results/benchmarks/answer_table_<model>_<device>)")
     args = parser.parse_args()
@@ -286,7 +289,7 @@ def main() -> None:
     out = args.results.with_name(f"{args.results.name}.json")
     report = json.loads(out.read_text()) if out.is_file() else {}  # the steps run earlier stay in it
     report.update({"model": args.model, "backend": args.backend, "device": args.device, "tasks": args.tasks,
-                   "n_items": args.n_items, "min_items": args.min_items})  # fmt: skip
+                   "n_items": args.n_items, "min_items": args.min_items, "overrides": args.overrides})  # fmt: skip
     if "compare" not in args.steps:
         report["machine"] = platform.node()
         if args.device == "cuda":
