@@ -116,8 +116,9 @@ class TorchModel:
         or when its ``add_bos_token`` says so (a GGUF's own word, ``follow_gguf_bos``)."""
         bos = self.tokenizer.bos_token_id
         with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        adds = bool(with_special) and with_special[0] == bos or getattr(self.tokenizer, "add_bos_token", None) is True
-        return bos if bos is not None and adds else None
+        puts_one = bool(with_special) and with_special[0] == bos
+        told = getattr(self.tokenizer, "add_bos_token", None) is True
+        return bos if bos is not None and (puts_one or told) else None
 
     # -- perplexity -------------------------------------------------------------------------
     def _scored_logits(self, ids: torch.Tensor, first: int) -> torch.Tensor:
